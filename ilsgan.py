@@ -1,0 +1,1083 @@
+"""ILSGAN in one readable file.
+
+"ILSGAN: Independent Layer Synthesis for Unsupervised Foreground-Background Segmentation",
+Zou, Yang, Cheung, Liu, Ji, AAAI 2023, arXiv:2211.13974.
+
+The model in five lines:
+    z ~ N(0, I)                                one latent for both layers
+    f, m = G_f(z), G_m(z);  b = G_b(z)         foreground RGB, mask in [0,1], background RGB
+    x = m*f + (1-m)*b                          Eq. (1), the composite; D only ever sees x
+    x' = T(m)*T(f) + (1-T(m))*b                Eq. (3), T shifts f and m together, during training
+    L_G = adv + 2 L_m + 2 L_b + lambda_ils * I_CLUB(b_inv; f_vis) + I_CLUB(f_inv; b_vis)   Eq. (5), (12)
+Trained on unlabelled photos only, the mask m becomes a segmenter (see unet_eval.py).
+
+Three commands:
+    python ilsgan.py                                  # embedded synthetic benchmark, `cpu` preset, then IoU
+    python ilsgan.py --preset tiny --kimg 1 --out runs/t    # seconds: smoke test
+    python ilsgan.py --dataset cub --data-root ~/data/DRC_processed/birds --preset paper64   # one GPU
+
+Contents (the banners below, in order):
+    1. Config and presets               6. ADA-lite (differentiable augmentation)
+    2. Building blocks (equalised lr)   7. Losses: Eq. (2), (4), (8)-(13), R1
+    3. Generator, Eq. (1)               8. Data: the synthetic benchmark and image folders
+    4. Perturbed composition, Eq. (3)   9. Training loop, Eq. (5), collapse watch, checkpoints
+    5. Discriminator                   10. Sampling, benchmark, main()
+
+Left out on purpose (and why):
+    - custom CUDA ops (bias_act, upfirdn2d): plain PyTorch runs everywhere; resampling is bilinear.
+    - fp16 / conv_clamp, style mixing, path-length regularisation, truncation: the official ILSGAN
+      configs disable the last three; fp16 is a speed feature we trade for one code path.
+    - separate ws per layer: without style mixing all layers get the same w, so we pass one w.
+    - the learned-q (neural Laplace/Gaussian, PixelCNN++) ablations of the official code.
+
+Differences from the official code (qrzou/ILSGAN, a stylegan2-ada-pytorch fork):
+    - networks.py: modulated convs use bilinear up/down-sampling instead of the [1,3,3,1] FIR filter.
+    - augment.py: all geometric ops of the 'bgc' pipe are folded into one affine grid_sample with
+      reflection padding (stock: integer blits + 2x upsampled FIR resampling). Same ops, same p.
+    - training_loop_ILS.py: the ILS warm-up (0.2 until 400 of 8000 kimg) is expressed as a fraction
+      of the run (5%) so that short presets leave it too; identical for 8000 kimg.
+    - dataset.py: images are decoded once into memory; cars/dogs load as RGB unless --bgr.
+    - our own additions, all switches and marked `# ours:`: an upper mask-area hinge and a border
+      prior for the small CPU preset, and a collapse watch that names known failures in the log.
+
+Size budget: about 1,100 lines of code, comments and docstrings not counted.
+"""
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------
+# 1. Config and presets
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Config:
+    # --- data
+    dataset: str = "synthetic"  # synthetic | cars | dogs | cub | folder
+    data_root: str = ""  # dataset root (not needed for synthetic)
+    resolution: int = 32  # training resolution (square), a power of two
+    n_train: int = 10000  # synthetic benchmark: number of training images
+    bgr: bool = False  # official: cars/dogs are read as BGR by cv2; set to reproduce that
+    # --- model
+    z_dim: int = 512  # latent z, shared by both layers (official)
+    w_dim: int = 512  # intermediate latent w of each mapping network
+    map_layers: int = 8  # FC layers per mapping network (official 8; stock StyleGAN2-ADA 2)
+    channel_base: int = 16384  # channels at resolution r: min(channel_base / r, channel_max)
+    channel_max: int = 256  # official 256 (stock StyleGAN2 512)
+    mbstd_group: int = 4  # minibatch-stddev group size in D
+    # --- optimisation
+    batch: int = 32  # total batch size
+    kimg: float = 8000  # training length in thousands of real images shown to D
+    lr: float = 0.0025  # Adam lr for G and D before the lazy-regularisation rescale
+    beta2: float = 0.99  # Adam beta2 (beta1 = 0), before the rescale
+    r1_gamma: float = -1  # R1 weight; -1 = official auto 0.0002 * res^2 / batch
+    r1_interval: int = 16  # lazy R1: every this many D steps, with gain = interval
+    g_reg_interval: int = 4  # official: G gets the lazy-reg lr/beta rescale although its reg is empty
+    ema_kimg: float = 10.0  # EMA half-life of G_ema in kimg
+    ema_rampup: float = 0.05  # EMA half-life is at most this fraction of images seen so far
+    # --- ADA-lite
+    augment: bool = True  # adaptive discriminator augmentation ('bgc' ops)
+    ada_target: float = 0.6  # target for r_t = E[sign(D(x_real))]
+    ada_interval: int = 4  # adjust p every this many steps
+    ada_kimg: float = 500  # p can go 0 -> 1 in this many kimg
+    # --- layered GAN (Eq. 3, 4)
+    shift: float = 0.125  # T: max integer shift of f and m as a fraction of the width
+    eta: float = 0.25  # Eq. (4): minimal mask area
+    lambda_m: float = 2.0  # weight of the mask-area hinge L_m
+    lambda_b: float = 2.0  # weight of the binarisation loss L_b
+    # --- ILS (Eq. 8-13)
+    ils: str = "mi"  # mi (Eq. 12) | l1 (Eq. 13) | none
+    lambda_ils: float = 1.0  # lambda_ils after the warm-up
+    ils_warmup: float = 0.05  # official: weight 0.2 for the first 400 of 8000 kimg = 5% of the run
+    ils_warmup_weight: float = 0.2  # official initial_anti_sigma
+    ils_separate: bool = True  # Table 3 row E when False: whole-layer I(b; f)
+    ils_opt_vis: bool = True  # Table 3 row C when False: stop-gradient on f_vis, b_vis
+    ils_opt_mask: bool = True  # Table 3 row D when False: stop-gradient on m
+    ils_dist: str = "laplace"  # laplace | gaussian (Table 3 row F)
+    # --- ours: guards against known failures of small runs (0 = off, the paper's setting)
+    mask_max: float = 0.0  # upper hinge on the mask area: relu(mean(m) - mask_max)
+    lambda_border: float = 0.0  # border prior: penalise mask mass in a band along the image border
+    # --- run
+    out: str = "runs/ilsgan"  # run folder: config.json, stats.jsonl, checkpoint.pt, grids
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    log_kimg: float = 1.0  # log to stats.jsonl and the bar every this many kimg
+    snap_kimg: float = 10.0  # image grid + checkpoint every this many kimg
+    channels_last: bool = True  # memory format: faster convolutions on CPU and GPU
+    tf32: bool = True  # allow TF32 matmuls on Ampere+ GPUs
+    evaluate: bool = True  # after training: U-Net distillation and IoU (unet_eval.py)
+    eval_budget: str = "auto"  # U-Net budget: cpu | official | auto (cpu on a CPU, official on a GPU)
+
+
+PRESETS = {
+    # seconds; for tests
+    "tiny": dict(resolution=16, n_train=256, z_dim=16, w_dim=16, map_layers=2, channel_base=128,
+                 channel_max=16, batch=8, kimg=0.1, log_kimg=0.02, snap_kimg=0.05, ema_kimg=0.01,
+                 evaluate=False),
+    # the default demo: the best masks a 2-core CPU reaches in about 15 minutes
+    "cpu": dict(resolution=32, z_dim=128, w_dim=128, map_layers=4, channel_base=1024,
+                channel_max=64, batch=32, kimg=50, log_kimg=1, snap_kimg=10, ema_kimg=2,
+                ada_kimg=100, mask_max=0.6, lambda_border=0.5, eval_budget="cpu"),
+    # the official settings for one GPU
+    "paper64": dict(resolution=64, kimg=8000, log_kimg=20, snap_kimg=200),
+    "paper128": dict(resolution=128, kimg=8000, log_kimg=20, snap_kimg=200),
+}
+
+
+def make_config(preset="cpu", **overrides):
+    """Config = defaults <- preset <- overrides (None values are ignored)."""
+    cfg = Config(**PRESETS[preset])
+    for k, v in overrides.items():
+        if v is not None:
+            if not hasattr(cfg, k):
+                raise ValueError(f"unknown config field {k!r}")
+            setattr(cfg, k, v)
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Building blocks: equalised learning rate (StyleGAN), weights scaled at run time
+# ----------------------------------------------------------------------------------------------
+
+
+class EqualLinear(nn.Module):
+    """y = x @ (W * lr_mul / sqrt(in))^T + b * lr_mul, W ~ N(0, 1/lr_mul^2)."""
+
+    def __init__(self, cin, cout, bias_init=0.0, lr_mul=1.0, act=False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(cout, cin) / lr_mul)
+        self.bias = nn.Parameter(torch.full([cout], float(bias_init)))
+        self.scale, self.lr_mul, self.act = lr_mul / math.sqrt(cin), lr_mul, act
+
+    def forward(self, x):
+        x = F.linear(x, self.weight * self.scale, self.bias * self.lr_mul)
+        return F.leaky_relu(x, 0.2) * math.sqrt(2) if self.act else x
+
+
+class EqualConv2d(nn.Module):
+    """Equalised-lr conv, optional 2x downsampling (2x2 box filter) before it, lrelu * sqrt(2) after."""
+
+    def __init__(self, cin, cout, k, act=True, bias=True, down=False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(cout, cin, k, k))
+        self.bias = nn.Parameter(torch.zeros(cout)) if bias else None
+        self.scale, self.act, self.down = 1 / math.sqrt(cin * k * k), act, down
+
+    def forward(self, x):
+        if self.down:
+            x = F.avg_pool2d(x, 2)
+        x = F.conv2d(x, self.weight * self.scale, self.bias, padding=self.weight.shape[-1] // 2)
+        return F.leaky_relu(x, 0.2) * math.sqrt(2) if self.act else x
+
+
+def modulated_conv2d(x, weight, styles, demodulate=True, fused=True):
+    """StyleGAN2 modulated convolution. x [B,I,H,W], weight [O,I,k,k], styles [B,I] -> [B,O,H,W].
+
+    fused=True: one grouped conv with per-sample weights w'_oik = w_oik * s_i (the paper's form).
+    fused=False: the same numbers as conv(x * s, w) * d, one shared-weight conv for the whole batch,
+    which stock StyleGAN2-ADA uses while training; much faster on CPU.
+    """
+    B, I, H, W = x.shape
+    O, _, k, _ = weight.shape
+    w = weight[None] * styles[:, None, :, None, None]  # [B,O,I,k,k]  modulate
+    d = torch.rsqrt(w.square().sum(dim=[2, 3, 4]) + 1e-8) if demodulate else None  # [B,O] demodulate
+    if not fused:
+        x = F.conv2d(x * styles[:, :, None, None], weight, padding=k // 2)
+        return x * d[:, :, None, None] if demodulate else x
+    if demodulate:  # w'' = w' / sqrt(sum w'^2 + eps), per output channel
+        w = w * d[:, :, None, None, None]
+    x = x.reshape(1, B * I, H, W)  # every sample its own group
+    x = F.conv2d(x, w.reshape(B * O, I, k, k), padding=k // 2, groups=B)
+    return x.reshape(B, O, H, W)
+
+
+class ModulatedConv2d(nn.Module):
+    """Style-modulated 3x3 conv (+ optional 2x upsampling), noise input, bias, lrelu."""
+
+    def __init__(self, cin, cout, w_dim, up=False):
+        super().__init__()
+        self.affine = EqualLinear(w_dim, cin, bias_init=1.0)  # w -> per-channel style s
+        self.weight = nn.Parameter(torch.randn(cout, cin, 3, 3))
+        self.bias = nn.Parameter(torch.zeros(cout))
+        self.noise_strength = nn.Parameter(torch.zeros([]))
+        self.scale, self.up = 1 / math.sqrt(cin * 9), up
+
+    def forward(self, x, w):
+        if self.up:
+            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        x = modulated_conv2d(x, self.weight * self.scale, self.affine(w), fused=not self.training)
+        noise = torch.randn(x.shape[0], 1, x.shape[2], x.shape[3], device=x.device, dtype=x.dtype)
+        x = x + noise * self.noise_strength + self.bias[None, :, None, None]
+        return F.leaky_relu(x, 0.2) * math.sqrt(2)
+
+
+class ToRGB(nn.Module):
+    """1x1 modulated conv without demodulation: features -> image channels."""
+
+    def __init__(self, cin, cout, w_dim):
+        super().__init__()
+        self.affine = EqualLinear(w_dim, cin, bias_init=1.0)
+        self.weight = nn.Parameter(torch.randn(cout, cin, 1, 1))
+        self.bias = nn.Parameter(torch.zeros(cout))
+        self.scale = 1 / math.sqrt(cin)
+
+    def forward(self, x, w):
+        x = modulated_conv2d(x, self.weight, self.affine(w) * self.scale, demodulate=False, fused=not self.training)
+        return x + self.bias[None, :, None, None]
+
+
+def channels_at(res, cfg):
+    return min(cfg.channel_base // res, cfg.channel_max)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Generator, Eq. (1): f = G_f(z), b = G_b(z), m = G_m(z), x = m*f + (1-m)*b
+# ----------------------------------------------------------------------------------------------
+
+
+class MappingNetwork(nn.Module):
+    """z -> w: normalise z, then `layers` FC layers with lr multiplier 0.01 (StyleGAN)."""
+
+    def __init__(self, z_dim, w_dim, layers):
+        super().__init__()
+        dims = [z_dim] + [w_dim] * layers
+        self.net = nn.Sequential(*[EqualLinear(a, b, lr_mul=0.01, act=True) for a, b in zip(dims, dims[1:])])
+
+    def forward(self, z):
+        z = z * torch.rsqrt(z.square().mean(dim=1, keepdim=True) + 1e-8)  # 2nd-moment normalisation
+        return self.net(z)  # [B,w_dim]
+
+
+class SynthesisNetwork(nn.Module):
+    """StyleGAN2 'skip' synthesis: const 4x4 -> (up, conv, conv) per resolution; ToRGB summed."""
+
+    def __init__(self, cfg, img_channels):
+        super().__init__()
+        res_log2 = int(math.log2(cfg.resolution))
+        c4 = channels_at(4, cfg)
+        self.const = nn.Parameter(torch.randn(c4, 4, 4))
+        self.convs, self.torgbs = nn.ModuleList([ModulatedConv2d(c4, c4, cfg.w_dim)]), nn.ModuleList()
+        self.torgbs.append(ToRGB(c4, img_channels, cfg.w_dim))
+        for r in (2**i for i in range(3, res_log2 + 1)):
+            cin, cout = channels_at(r // 2, cfg), channels_at(r, cfg)
+            self.convs.append(ModulatedConv2d(cin, cout, cfg.w_dim, up=True))
+            self.convs.append(ModulatedConv2d(cout, cout, cfg.w_dim))
+            self.torgbs.append(ToRGB(cout, img_channels, cfg.w_dim))
+
+    def forward(self, w):  # w [B,w_dim] -> [B,img_channels,res,res]
+        x = self.const[None].expand(w.shape[0], -1, -1, -1)
+        x = self.convs[0](x, w)
+        img = self.torgbs[0](x, w)
+        for i, torgb in enumerate(self.torgbs[1:]):
+            x = self.convs[2 * i + 2](self.convs[2 * i + 1](x, w), w)
+            img = F.interpolate(img, scale_factor=2, mode="bilinear", align_corners=False) + torgb(x, w)
+        return img
+
+
+class Generator(nn.Module):
+    """Two StyleGAN2 generators fed the same z (official): G_f has 4 channels (RGB + mask logit)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.z_dim = cfg.z_dim
+        self.mapping_fg = MappingNetwork(cfg.z_dim, cfg.w_dim, cfg.map_layers)
+        self.mapping_bg = MappingNetwork(cfg.z_dim, cfg.w_dim, cfg.map_layers)
+        self.synthesis_fg = SynthesisNetwork(cfg, img_channels=4)
+        self.synthesis_bg = SynthesisNetwork(cfg, img_channels=3)
+
+    def forward(self, z):
+        """z [B,z_dim] -> f [B,3,H,W], b [B,3,H,W], m [B,1,H,W] in (0,1). RGB is unbounded (official)."""
+        fm = self.synthesis_fg(self.mapping_fg(z))
+        b = self.synthesis_bg(self.mapping_bg(z))
+        return fm[:, :3], b, torch.sigmoid(fm[:, 3:])
+
+
+def composite(f, b, m):
+    """Eq. (1): x = m*f + (1-m)*b. f, b [B,3,H,W], m [B,1,H,W]."""
+    return m * f + (1 - m) * b
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Perturbed composition, Eq. (3): x = T(m)*T(f) + (1-T(m))*b
+# ----------------------------------------------------------------------------------------------
+
+
+def random_shifts(batch, width, max_frac, device):
+    """Integer shifts (dx, dy) = round(U[-1,1] * max_frac * width), per sample (official xint)."""
+    eps = torch.rand(2, batch, device=device) * 2 - 1
+    d = torch.round(eps * max_frac * width).long()
+    return d[0], d[1]
+
+
+def shift_image(x, dx, dy):
+    """Translate each image by integer (dx right, dy down) pixels, zero fill. x [B,C,H,W]."""
+    B, C, H, W = x.shape
+    ys = torch.arange(H, device=x.device)[None] - dy[:, None]  # [B,H] source rows
+    xs = torch.arange(W, device=x.device)[None] - dx[:, None]  # [B,W] source cols
+    valid = ((ys >= 0) & (ys < H))[:, :, None] & ((xs >= 0) & (xs < W))[:, None, :]  # [B,H,W]
+    idx = ys.clamp(0, H - 1)[:, :, None] * W + xs.clamp(0, W - 1)[:, None, :]  # [B,H,W]
+    out = x.reshape(B, C, H * W).gather(2, idx.reshape(B, 1, H * W).expand(B, C, H * W))
+    return out.reshape(B, C, H, W) * valid[:, None].to(x.dtype)
+
+
+def perturbed_composite(f, b, m, dx, dy):
+    """Eq. (3): shift f and m together (b untouched), then compose. Returns x', f', m'."""
+    f_s, m_s = shift_image(f, dx, dy), shift_image(m, dx, dy)
+    return composite(f_s, b, m_s), f_s, m_s
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Discriminator: StyleGAN2 residual D with minibatch standard deviation
+# ----------------------------------------------------------------------------------------------
+
+
+class DBlock(nn.Module):
+    """conv3x3 -> conv3x3 down, plus a 1x1 down skip; sum scaled by sqrt(1/2)."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.conv0 = EqualConv2d(cin, cin, 3)
+        self.conv1 = EqualConv2d(cin, cout, 3, down=True)
+        self.skip = EqualConv2d(cin, cout, 1, act=False, bias=False, down=True)
+
+    def forward(self, x):
+        return (self.skip(x) + self.conv1(self.conv0(x))) * math.sqrt(0.5)
+
+
+def minibatch_stddev(x, group):
+    """Append the std over groups of samples, averaged to one channel (StyleGAN2, 1 channel)."""
+    B, C, H, W = x.shape
+    g = min(group, B) if B % min(group, B) == 0 else 1
+    y = x.reshape(g, -1, C, H, W)
+    y = (y.var(dim=0, unbiased=False) + 1e-8).sqrt().mean(dim=[1, 2, 3])  # [B/g]
+    y = y.reshape(-1, 1, 1, 1).repeat(g, 1, H, W)  # [B,1,H,W]
+    return torch.cat([x, y], dim=1)
+
+
+class Discriminator(nn.Module):
+    """x [B,3,H,W] -> logit [B]. D sees only the composite, never the mask (official)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        res_log2 = int(math.log2(cfg.resolution))
+        self.group = cfg.mbstd_group
+        self.fromrgb = EqualConv2d(3, channels_at(cfg.resolution, cfg), 1)
+        self.blocks = nn.Sequential(*[DBlock(channels_at(2**i, cfg), channels_at(2 ** (i - 1), cfg))
+                                      for i in range(res_log2, 2, -1)])
+        c4 = channels_at(4, cfg)
+        self.conv = EqualConv2d(c4 + 1, c4, 3)
+        self.fc = EqualLinear(c4 * 16, c4, act=True)
+        self.out = EqualLinear(c4, 1)
+
+    def forward(self, x):
+        x = self.blocks(self.fromrgb(x))  # [B,c4,4,4]
+        x = self.conv(minibatch_stddev(x, self.group))
+        return self.out(self.fc(x.flatten(1))).squeeze(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. ADA-lite: the 'bgc' augmentations of StyleGAN2-ADA, differentiable, per sample, each with p
+# ----------------------------------------------------------------------------------------------
+
+
+def _rot2d(theta):  # [B] -> [B,3,3] homogeneous rotation
+    c, s, o, z = theta.cos(), theta.sin(), torch.ones_like(theta), torch.zeros_like(theta)
+    return torch.stack([c, -s, z, s, c, z, z, z, o], dim=1).reshape(-1, 3, 3)
+
+
+def _diag3(sx, sy):  # [B],[B] -> [B,3,3] scaling
+    o, z = torch.ones_like(sx), torch.zeros_like(sx)
+    return torch.stack([sx, z, z, z, sy, z, z, z, o], dim=1).reshape(-1, 3, 3)
+
+
+def _trans3(tx, ty):  # [B],[B] -> [B,3,3] translation (in [-1,1] image units)
+    o, z = torch.ones_like(tx), torch.zeros_like(tx)
+    return torch.stack([o, z, tx, z, o, ty, z, z, o], dim=1).reshape(-1, 3, 3)
+
+
+def _augment_geometric(x, p, fire, gauss):
+    """The 'bg' ops: output pixel -> input pixel matrix G in normalised [-1,1] coordinates."""
+    B, _, H, W = x.shape
+    dev = x.device
+    one = torch.ones(B, device=dev)
+    G = torch.eye(3, device=dev).repeat(B, 1, 1)
+    flip = torch.where(fire() & (torch.rand(B, device=dev) < 0.5), -one, one)
+    G = G @ _diag3(flip, one)  # x-flip
+    G = G @ _rot2d(torch.randint(0, 4, (B,), device=dev) * fire() * (math.pi / 2))  # rotate 90
+    t = (torch.rand(2, B, device=dev) * 2 - 1) * 0.125 * 2 * fire()  # integer translation
+    G = G @ _trans3(torch.round(t[0] * W / 2) * 2 / W, torch.round(t[1] * H / 2) * 2 / H)
+    s = torch.exp2(gauss(0.2) * fire())
+    G = G @ _diag3(s, s)  # isotropic scale
+    p_rot = 1 - math.sqrt(1 - min(p, 1.0))
+    G = G @ _rot2d((torch.rand(B, device=dev) * 2 - 1) * math.pi * fire(p_rot))  # pre-rotation
+    s = torch.exp2(gauss(0.2) * fire())
+    G = G @ _diag3(s, 1 / s)  # anisotropic scale
+    G = G @ _rot2d((torch.rand(B, device=dev) * 2 - 1) * math.pi * fire(p_rot))  # post-rotation
+    G = G @ _trans3(gauss(0.125) * 2 * fire(), gauss(0.125) * 2 * fire())  # fractional translation
+    # stock G maps output->input in pixel units; with square images normalised units are the same
+    grid = F.affine_grid(G[:, :2, :], [B, 3, H, W], align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    return x
+
+
+def augment(x, p, geometric=True):
+    """ADA 'bgc' pipe: x [B,3,H,W] in ~[-1,1] -> augmented x. p = 0 is exactly the identity.
+
+    Each op fires independently per sample with probability p (rotation: 1-sqrt(1-p), twice).
+    Geometric ops compose into one affine matrix and one grid_sample (reflection padding);
+    colour ops compose into one 4x4 matrix, as in stock augment.py. geometric=False: colour only
+    (the official U-Net training uses that with p = 0.5).
+    """
+    if p <= 0:
+        return x
+    B, _, H, W = x.shape
+    dev = x.device
+
+    def fire(q=p):  # [B] bool: does this op fire for each sample
+        return torch.rand(B, device=dev) < q
+
+    def gauss(std):
+        return torch.randn(B, device=dev) * std
+
+    if geometric:
+        x = _augment_geometric(x, p, fire, gauss)
+    # --- colour ('c'): 4x4 matrix on homogeneous RGB; v = luma axis
+    one = torch.ones(B, device=dev)
+    v = torch.tensor([1.0, 1.0, 1.0, 0.0], device=dev) / math.sqrt(3)
+    I4, vv = torch.eye(4, device=dev), torch.outer(v, v)
+    C = I4.repeat(B, 1, 1)
+    b = gauss(0.2) * fire()  # brightness: x + b
+    T = I4.repeat(B, 1, 1)
+    T[:, :3, 3] = b[:, None]
+    C = T @ C
+    c = torch.exp2(gauss(0.5) * fire())  # contrast: x * c
+    C = torch.diag_embed(torch.stack([c, c, c, one], 1)) @ C
+    i = (torch.randint(0, 2, (B,), device=dev) * fire()).float()  # luma flip: x - 2 v v^T x
+    C = (I4 - 2 * vv * i[:, None, None]) @ C
+    th = (torch.rand(B, device=dev) * 2 - 1) * math.pi * fire()  # hue: rotate around v
+    K = torch.zeros(4, 4, device=dev)  # cross-product matrix [v]_x
+    K[0, 1], K[0, 2], K[1, 0], K[1, 2], K[2, 0], K[2, 1] = -v[2], v[1], v[2], -v[0], -v[1], v[0]
+    R = (I4 + th.sin()[:, None, None] * K + (1 - th.cos())[:, None, None] * (K @ K))
+    C = R @ C
+    s = torch.exp2(gauss(1.0) * fire())  # saturation: v v^T + (I - v v^T) * s
+    C = (vv + (I4 - vv) * s[:, None, None]) @ C
+    x = torch.einsum("bij,bjhw->bihw", C[:, :3, :3], x) + C[:, :3, 3, None, None]
+    return x
+
+
+def ada_adjust(p, sign_mean, target, batch, interval, ada_kimg):
+    """ADA controller: p += sign(r_t - target) * (images per adjustment) / (images for 0 -> 1)."""
+    p = p + math.copysign(1, sign_mean - target) * batch * interval / (ada_kimg * 1000)
+    return min(max(p, 0.0), 1.0)  # official clamps only at 0; p > 1 has no meaning
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Losses, each a small pure function
+# ----------------------------------------------------------------------------------------------
+
+
+def g_adversarial_loss(d_fake):
+    """Eq. (2), non-saturating G side: -log sigmoid(D(x_fake)) = softplus(-D). d_fake [B] -> []."""
+    return F.softplus(-d_fake).mean()
+
+
+def d_adversarial_loss(d_real, d_fake):
+    """Eq. (2), D side: -log sigmoid(D(x_real)) - log(1 - sigmoid(D(x_fake))). [B],[B] -> []."""
+    return F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
+
+
+def r1_penalty(d_real, x_real):
+    """R1 (Mescheder et al. 2018): E ||grad_x D(x_real)||^2, summed over C,H,W. x_real needs grad."""
+    (grad,) = torch.autograd.grad(d_real.sum(), x_real, create_graph=True)
+    return grad.square().sum(dim=[1, 2, 3]).mean()
+
+
+def mask_area_loss(m, eta):
+    """Eq. (4), L_m: max(0, eta - |m|_1 / HW), averaged over the batch. m [B,1,H,W] -> []."""
+    return F.relu(eta - m.mean(dim=[1, 2, 3])).mean()
+
+
+def mask_area_upper_loss(m, mask_max):
+    """ours: max(0, |m|_1 / HW - mask_max); keeps small runs from drifting to an all-ones mask."""
+    return F.relu(m.mean(dim=[1, 2, 3]) - mask_max).mean()
+
+
+def binarization_loss(m):
+    """Eq. (4), L_b: mean over pixels of min(m_u, 1 - m_u). m [B,1,H,W] -> []."""
+    return torch.minimum(m, 1 - m).mean()
+
+
+def border_loss(m, width):
+    """ours: mean mask value in a band of `width` pixels along the border (objects are centred)."""
+    band = torch.ones_like(m[:1, :1])
+    band[..., width:-width, width:-width] = 0
+    return (m * band).sum(dim=[1, 2, 3]).mean() / band.sum()
+
+
+def club(x, y, perm, dist="laplace"):
+    """Eq. (9): CLUB estimate of I(x; y) with q(x|y) = Laplace(y, I) (or Gaussian).
+
+    (1/N) sum_i [ -d(x_i, y_i) + d(x_perm(i), y_i) ]; d = per-element mean |.| (official 'do_mean')
+    or 0.5 * mean squared error for the Gaussian. x, y [B,...], perm [B] -> [].
+    """
+    d = (lambda u, v: (u - v).abs()) if dist == "laplace" else (lambda u, v: 0.5 * (u - v).square())
+    pos = d(x, y).flatten(1).mean(1)  # -log q(x_i|y_i) + const
+    neg = d(x[perm], y).flatten(1).mean(1)  # -log q(x_k|y_i) + const, x_k from p(x)
+    return (neg - pos).mean()
+
+
+def gate_gradients(t):
+    """official: values unchanged, gradients blocked where the pixel is outside (-1, 1)."""
+    valid = (t > -1) & (t < 1)
+    return torch.where(valid, t, t.detach())
+
+
+def ils_mi_loss(f, b, m, separate=True, opt_vis=True, opt_mask=True, dist="laplace"):
+    """Eq. (10)-(12): L_ILS^MI = I_VC(b_inv; f_vis) + I_VC(f_inv; b_vis), on unshifted layers.
+
+    f, b [B,3,H,W], m [B,1,H,W] -> []. Ablations (Table 3): separate=False -> I_VC(b; f) (row E);
+    opt_vis=False -> stop-gradient on f_vis, b_vis (row C); opt_mask=False -> on m (row D).
+    official: the shuffled variable is the invisible region in both pairs (the paper's Eq. (12)
+    shuffles b in both), each pair gets its own random permutation (self-matches allowed).
+    """
+    f, b = gate_gradients(f), gate_gradients(b)
+    B = f.shape[0]
+    if not separate:
+        return club(b, f, torch.randperm(B, device=f.device), dist)
+    m = m if opt_mask else m.detach()
+    f_vis, f_inv = f * m, f * (1 - m)  # Eq. (10)
+    b_vis, b_inv = b * (1 - m), b * m
+    if not opt_vis:
+        f_vis, b_vis = f_vis.detach(), b_vis.detach()
+    perm1, perm2 = torch.randperm(B, device=f.device), torch.randperm(B, device=f.device)
+    return club(b_inv, f_vis, perm1, dist) + club(f_inv, b_vis, perm2, dist)  # Eq. (11)
+
+
+def ils_l1_loss(f, b, m):
+    """Eq. (13): L_ILS^L1 = -|b_inv - f_vis|_1 - |b_vis - f_inv|_1, per-element means.
+
+    official ('l1_distance'): the visible layer and the mask are detached, so each layer's
+    invisible part is pushed away from the other layer's visible part. f, b [B,3,H,W] -> [].
+    """
+    f, b, m_ = gate_gradients(f), gate_gradients(b), m.detach()
+    return -((b - f.detach()).abs() * m_).mean() - ((f - b.detach()).abs() * (1 - m_)).mean()
+
+
+def ils_weight(kimg, cfg):
+    """official: lambda_ils = 0.2 during the warm-up (first 5% of the run), then cfg.lambda_ils."""
+    return cfg.ils_warmup_weight if kimg <= cfg.ils_warmup * cfg.kimg else cfg.lambda_ils
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. Data: the embedded synthetic benchmark, and a loader interface for real datasets
+# ----------------------------------------------------------------------------------------------
+
+# Colours shared by objects and backgrounds, so colour alone never tells them apart.
+PALETTE = torch.tensor([[0.85, 0.20, 0.15], [0.95, 0.70, 0.10], [0.20, 0.60, 0.25], [0.15, 0.35, 0.80],
+                        [0.60, 0.25, 0.65], [0.90, 0.90, 0.85], [0.25, 0.25, 0.25], [0.55, 0.40, 0.25]])
+
+
+def _texture(u, v, kind, freq, c1, c2):
+    """Object texture families in object coordinates u, v [B,S,S]: 0 stripes, 1 checker, 2 dots,
+    3 radial shading. kind [B] long, freq [B], c1, c2 [B,3] -> RGB [B,3,S,S]."""
+    fu, fv = u * freq[:, None, None], v * freq[:, None, None]
+    t = torch.stack([(torch.sin(fu) > 0).float(),
+                     ((torch.sin(fu) > 0) ^ (torch.sin(fv) > 0)).float(),
+                     (torch.sin(fu) * torch.sin(fv) > 0.35).float(),
+                     (u.square() + v.square()).sqrt().clamp(max=1)], dim=1)  # [B,4,S,S]
+    t = t.gather(1, kind[:, None, None, None].expand(-1, 1, *u.shape[1:]))  # [B,1,S,S]
+    return c1[:, :, None, None] * (1 - t) + c2[:, :, None, None] * t
+
+
+def _render_synthetic(B, S, g):
+    """One batch at S x S: images [B,3,S,S] in [0,1] and soft object coverage [B,1,S,S]."""
+    def U(*shape, lo=0.0, hi=1.0):
+        return lo + (hi - lo) * torch.rand(*shape, generator=g)
+
+    def colour():
+        return (PALETTE[torch.randint(len(PALETTE), (B,), generator=g)] + U(B, 3, lo=-0.1, hi=0.1)).clamp(0, 1)
+
+    lin = (torch.arange(S) + 0.5) / S * 2 - 1
+    yy, xx = torch.meshgrid(lin, lin, indexing="ij")  # [S,S] in [-1,1]
+    # object: a star-shaped region r < R * rho(theta) with area fraction A = pi R^2 / 4 exactly
+    kind = torch.randint(4, (B,), generator=g)  # 0 ellipse, 1 polygon, 2 star, 3 blob
+    A, rot = U(B, lo=0.15, hi=0.5), U(B, hi=2 * math.pi)
+    cx, cy = U(B, lo=-0.3, hi=0.3), U(B, lo=-0.3, hi=0.3)
+    dx, dy = xx[None] - cx[:, None, None], yy[None] - cy[:, None, None]
+    c, s = rot.cos()[:, None, None], rot.sin()[:, None, None]
+    u, v = c * dx + s * dy, -s * dx + c * dy  # object coordinates
+    r, th = (u.square() + v.square()).sqrt(), torch.atan2(v, u)
+    a = U(B, lo=0.7, hi=1.4)[:, None, None]  # ellipse aspect
+    n = torch.randint(3, 7, (B,), generator=g).float()[:, None, None]  # polygon sides
+    ph = U(2, B, hi=2 * math.pi)[:, :, None, None]
+    rho = torch.stack([
+        1 / ((th.cos() / a).square() + (th.sin() * a).square()).sqrt(),  # area pi
+        torch.cos(math.pi / n) / torch.cos(torch.remainder(th, 2 * math.pi / n) - math.pi / n)
+        / (n / 2 * torch.sin(2 * math.pi / n) / math.pi).sqrt(),  # n-gon, area normalised to pi
+        (1 + 0.3 * torch.cos(5 * th)) / math.sqrt(1 + 0.3**2 / 2),
+        (1 + 0.15 * torch.sin(2 * th + ph[0]) + 0.1 * torch.sin(3 * th + ph[1])) / math.sqrt(1 + 0.0325 / 2),
+    ], dim=1).gather(1, kind[:, None, None, None].expand(-1, 1, S, S))[:, 0]
+    R = (4 * A / math.pi).sqrt()[:, None, None]
+    obj = (r < R * rho).float()[:, None]  # [B,1,S,S]
+    tex_kind, freq = torch.randint(4, (B,), generator=g), U(B, lo=5.0, hi=9.0)
+    f1, f2 = colour(), colour()
+    fg = _texture(u / R, v / R, tex_kind, freq * R[:, 0, 0], f1, f2)
+    fg = fg * (1 - 0.25 * (u / R).clamp(-1, 1)[:, None])  # a little light from one side
+    # background: two colours mixed by low-frequency waves, plus clutter ellipses
+    b1, b2 = colour(), colour()
+    waves = sum(torch.sin(U(B, lo=1, hi=4)[:, None, None] * (xx * kx + yy * (1 - kx)) * math.pi
+                          + U(B, hi=6.3)[:, None, None])
+                for kx in (1.0, 0.0, 0.5))
+    t = torch.sigmoid(2 * waves)[:, None]
+    img = b1[:, :, None, None] * t + b2[:, :, None, None] * (1 - t)
+    for _ in range(4):
+        ex, ey = U(B, lo=-1, hi=1)[:, None, None], U(B, lo=-1, hi=1)[:, None, None]
+        rx, ry = U(B, lo=0.08, hi=0.3)[:, None, None], U(B, lo=0.08, hi=0.3)[:, None, None]
+        inside = (((xx - ex) / rx).square() + ((yy - ey) / ry).square() < 1).float()[:, None]
+        img = img * (1 - inside) + colour()[:, :, None, None] * inside
+    # leakage: distractor patches near the border that copy the object's texture and colours
+    for _ in range(2):
+        on = (U(B) < 0.5).float()[:, None, None, None]
+        px = U(B, lo=0.55, hi=0.85) * torch.where(U(B) < 0.5, -1.0, 1.0)
+        py = U(B, lo=0.55, hi=0.85) * torch.where(U(B) < 0.5, -1.0, 1.0)
+        h = U(B, lo=0.15, hi=0.25)[:, None, None]
+        du, dv = xx[None] - px[:, None, None], yy[None] - py[:, None, None]
+        inside = ((du.abs() < h) & (dv.abs() < h)).float()[:, None] * on
+        patch = _texture(du / R, dv / R, tex_kind, freq * R[:, 0, 0], f1, f2)
+        img = img * (1 - inside) + patch * inside
+    img = img * (1 - obj) + fg * obj
+    return img, obj
+
+
+def make_synthetic(n, res, seed):
+    """The embedded benchmark: n images [n,3,res,res] uint8 and masks [n,1,res,res] bool.
+
+    Deterministic in (n, res, seed). Rendered at 2x and box-filtered (anti-aliased edges); the mask
+    is object coverage >= 0.5. One centred object (15-45% of the area nominally) with its own shape,
+    texture family and colours, over wave-and-ellipse clutter in the same palette, with distractor
+    patches that copy the object's texture and colours: the leakage ILS is meant to fight.
+    """
+    g = torch.Generator().manual_seed(seed)
+    xs, ms = [], []
+    for i in range(0, n, 256):
+        img, obj = _render_synthetic(min(256, n - i), 2 * res, g)
+        img = F.avg_pool2d(img, 2) + 0.02 * torch.randn(img.shape[0], 3, res, res, generator=g)
+        xs.append((img.clamp(0, 1) * 255).round().to(torch.uint8))
+        ms.append(F.avg_pool2d(obj, 2) >= 0.5)
+    return torch.cat(xs), torch.cat(ms)
+
+
+SYNTHETIC_TEST_SEED = 1_000_003  # the test split is drawn from its own stream, never from training
+
+
+def load_dataset(name, root, res, split, n_train=10000, bgr=False):
+    """Images [N,3,res,res] uint8 and masks [N,1,res,res] bool (None where the split has none).
+
+    split: 'train' (for the GAN) or 'test' (real images with ground-truth masks, for evaluation).
+    """
+    if name == "synthetic":
+        return make_synthetic(n_train, res, seed=0) if split == "train" else make_synthetic(1000, res, SYNTHETIC_TEST_SEED)
+    import real_data  # the real layouts (cars, dogs, cub, folder) live beside this file
+    return real_data.load(name, root, res, split, bgr=bgr)
+
+
+def to_float(x):
+    """uint8 [0,255] -> float [-1,1] (the generator's range)."""
+    return x.float() / 127.5 - 1
+
+
+# ----------------------------------------------------------------------------------------------
+# 9. Training loop, Eq. (5)
+#    min_D  -V(G_bar, D) + gamma R1(D)
+#    min_G   V(G, D_bar) + lambda_m L_m + lambda_b L_b + lambda_ils L_ILS
+# ----------------------------------------------------------------------------------------------
+
+
+class NonFiniteLoss(FloatingPointError):
+    pass
+
+
+def r1_gamma(cfg):
+    """official: gamma = 0.0002 * res^2 / batch unless set explicitly."""
+    return cfg.r1_gamma if cfg.r1_gamma >= 0 else 0.0002 * cfg.resolution**2 / cfg.batch
+
+
+def pick_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class State:
+    """Everything training changes: networks, optimisers, ADA p, progress. Saved whole."""
+
+    def __init__(self, cfg, device):
+        torch.manual_seed(cfg.seed)
+        self.G, self.D = Generator(cfg).to(device), Discriminator(cfg).to(device)
+        if cfg.channels_last:
+            self.D = self.D.to(memory_format=torch.channels_last)
+        self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
+
+        # official: lazy-regularisation rescale, lr * k and beta2^k with k = interval / (interval + 1)
+        def adam(params, interval):
+            k = interval / (interval + 1)
+            return torch.optim.Adam(params, lr=cfg.lr * k, betas=(0.0, cfg.beta2**k), eps=1e-8)
+
+        self.opt_G, self.opt_D = adam(self.G.parameters(), cfg.g_reg_interval), adam(self.D.parameters(), cfg.r1_interval)
+        self.ada_p, self.ada_sum, self.ada_n = 0.0, 0.0, 0
+        self.nimg, self.step = 0, 0
+
+    def state_dict(self):
+        return dict(G=self.G.state_dict(), D=self.D.state_dict(), G_ema=self.G_ema.state_dict(),
+                    opt_G=self.opt_G.state_dict(), opt_D=self.opt_D.state_dict(), ada_p=self.ada_p,
+                    ada_sum=self.ada_sum, ada_n=self.ada_n, nimg=self.nimg, step=self.step)
+
+    def load_state_dict(self, sd):
+        for k in ("G", "D", "G_ema", "opt_G", "opt_D"):
+            getattr(self, k).load_state_dict(sd[k])
+        self.ada_p, self.ada_sum, self.ada_n = sd["ada_p"], sd["ada_sum"], sd["ada_n"]
+        self.nimg, self.step = sd["nimg"], sd["step"]
+
+
+def _step(opt, loss, params):
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    for p in params:  # official: nan_to_num on gradients before every step
+        if p.grad is not None:
+            torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
+    opt.step()
+
+
+def watch_stats(m, x_fake, x_real):
+    """ours: the generator's own statistics that reveal known failures (no ground truth needed)."""
+    S = m.shape[-1]
+    w, q = max(S // 8, 1), S // 4
+    band = torch.ones_like(m[0, 0])
+    band[w:-w, w:-w] = 0
+    return dict(mask_area=m.mean().item(),
+                mask_binary=torch.minimum(m, 1 - m).mean().item(),  # 0 = perfectly binary
+                mask_border=(m[:, 0] * band).sum().item() / (band.sum().item() * m.shape[0]),
+                mask_centre=m[..., q:-q, q:-q].mean().item(),
+                diversity=(x_fake.std(0).mean() / x_real.std(0).mean().clamp(min=1e-8)).item())
+
+
+def collapse_flags(st):
+    """ours: name the known failures from watch_stats averages."""
+    flags = []
+    if st["mask_area"] > 0.9:
+        flags.append("mask-full")
+    if st["mask_area"] < 0.03:
+        flags.append("mask-empty")
+    if st["diversity"] < 0.3:
+        flags.append("mode-collapse")
+    if st["mask_area"] >= 0.03 and st["mask_border"] > st["mask_centre"] + 0.1:  # mask hugs the border
+        flags.append("swapped")
+    return flags
+
+
+def train_step(s, x_real, cfg):
+    """One iteration: G step, D step, lazy R1, EMA, ADA. x_real [B,3,H,W] in [-1,1]. -> stats."""
+    B, res, dev = x_real.shape[0], cfg.resolution, x_real.device
+    if cfg.channels_last:
+        x_real = x_real.contiguous(memory_format=torch.channels_last)
+
+    # G step: minimize softplus(-D(A(x'))) + lambda_m L_m(m') + lambda_b L_b(m') + lambda_ils L_ILS(f, b, m)
+    s.G.requires_grad_(True)
+    s.D.requires_grad_(False)
+    f, b, m = s.G(torch.randn(B, cfg.z_dim, device=dev))
+    x_fake, _, m_s = perturbed_composite(f, b, m, *random_shifts(B, res, cfg.shift, dev))
+    loss_adv = g_adversarial_loss(s.D(augment(x_fake, s.ada_p)))
+    loss_m, loss_b = mask_area_loss(m_s, cfg.eta), binarization_loss(m_s)  # official: on shifted m'
+    if cfg.ils == "mi":  # official: ILS on the unshifted layers
+        loss_ils = ils_mi_loss(f, b, m, cfg.ils_separate, cfg.ils_opt_vis, cfg.ils_opt_mask, cfg.ils_dist)
+    elif cfg.ils == "l1":
+        loss_ils = ils_l1_loss(f, b, m)
+    else:
+        loss_ils = torch.zeros([], device=dev)
+    w_ils = ils_weight(s.nimg / 1000, cfg)
+    loss_G = loss_adv + cfg.lambda_m * loss_m + cfg.lambda_b * loss_b + w_ils * loss_ils
+    if cfg.mask_max > 0:  # ours
+        loss_G = loss_G + cfg.lambda_m * mask_area_upper_loss(m_s, cfg.mask_max)
+    if cfg.lambda_border > 0:  # ours
+        loss_G = loss_G + cfg.lambda_border * border_loss(m, max(res // 8, 1))
+    if not torch.isfinite(loss_G):
+        raise NonFiniteLoss(f"G loss is {loss_G.item()} at step {s.step}")
+    _step(s.opt_G, loss_G, s.G.parameters())
+    stats = watch_stats(m.detach(), x_fake.detach(), x_real)
+
+    # D step: minimize softplus(D(A(x'_fake))) + softplus(-D(A(x_real)))
+    s.G.requires_grad_(False)
+    s.D.requires_grad_(True)
+    with torch.no_grad():
+        f, b, m = s.G(torch.randn(B, cfg.z_dim, device=dev))
+        x_fake, _, _ = perturbed_composite(f, b, m, *random_shifts(B, res, cfg.shift, dev))
+    d_fake, d_real = s.D(augment(x_fake, s.ada_p)), s.D(augment(x_real, s.ada_p))
+    loss_D = d_adversarial_loss(d_real, d_fake)
+    if not torch.isfinite(loss_D):
+        raise NonFiniteLoss(f"D loss is {loss_D.item()} at step {s.step}")
+    _step(s.opt_D, loss_D, s.D.parameters())
+    signs = [d_real.detach().sign()]
+
+    # D reg step, every r1_interval steps: minimize (gamma / 2) * ||grad_x D(A(x_real))||^2 * interval
+    r1 = None
+    if s.step % cfg.r1_interval == 0:
+        x = x_real.detach().requires_grad_(True)
+        d = s.D(augment(x, s.ada_p))
+        r1 = r1_penalty(d, x)
+        _step(s.opt_D, r1 * (r1_gamma(cfg) / 2) * cfg.r1_interval + d.mean() * 0, s.D.parameters())
+        signs.append(d.detach().sign())
+
+    # G_ema: half-life ema_kimg, ramped up with the images seen so far
+    ema_nimg = min(cfg.ema_kimg * 1000, s.nimg * cfg.ema_rampup)
+    beta = 0.5 ** (B / max(ema_nimg, 1e-8))
+    with torch.no_grad():
+        for p_ema, p in zip(s.G_ema.parameters(), s.G.parameters()):
+            p_ema.copy_(p.lerp(p_ema, beta))
+    s.nimg, s.step = s.nimg + B, s.step + 1
+
+    # ADA: p follows r_t = E[sign(D(x_real))] toward the target
+    signs = torch.cat(signs)
+    s.ada_sum, s.ada_n = s.ada_sum + signs.sum().item(), s.ada_n + signs.numel()
+    if cfg.augment and s.step % cfg.ada_interval == 0:
+        s.ada_p = ada_adjust(s.ada_p, s.ada_sum / s.ada_n, cfg.ada_target, B, cfg.ada_interval, cfg.ada_kimg)
+        s.ada_sum, s.ada_n = 0.0, 0
+
+    stats.update(loss_G=loss_G.item(), loss_adv=loss_adv.item(), loss_m=loss_m.item(), loss_b=loss_b.item(),
+                 loss_ils=loss_ils.item(), w_ils=w_ils, loss_D=loss_D.item(), d_real=d_real.mean().item(),
+                 d_fake=d_fake.mean().item(), ada_p=s.ada_p)
+    if r1 is not None:
+        stats["r1"] = r1.item()
+    return stats
+
+
+def save_checkpoint(path, s, cfg):
+    """Atomic: write a temporary file, then rename over the old checkpoint."""
+    ckpt = dict(state=s.state_dict(), config=dataclasses.asdict(cfg), rng_cpu=torch.get_rng_state(),
+                rng_cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+    tmp = Path(str(path) + ".tmp")
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def find_checkpoint(path):
+    p = Path(path)
+    p = p / "checkpoint.pt" if p.is_dir() else p
+    if not p.is_file():
+        raise FileNotFoundError(f"no checkpoint at {p} (give a run folder or a .pt file)")
+    return p
+
+
+def load_checkpoint(path, device="cpu"):
+    """-> (cfg, checkpoint dict). Loads with weights_only=True: tensors and plain Python only."""
+    ckpt = torch.load(find_checkpoint(path), map_location=device, weights_only=True)
+    return Config(**ckpt["config"]), ckpt
+
+
+@torch.no_grad()
+def save_grid(G, z, path):
+    """Rows: background / foreground / composite / mask (the paper's Fig. 3)."""
+    from torchvision.utils import save_image
+    with torch.random.fork_rng(devices=[z.device] if z.device.type == "cuda" else []):
+        torch.manual_seed(0)  # noise inputs: fixed, and the training RNG is left untouched
+        f, b, m = G(z)
+    rows = torch.cat([b, f, composite(f, b, m), m.expand(-1, 3, -1, -1) * 2 - 1])
+    save_image((rows.float().clamp(-1, 1) + 1) / 2, path, nrow=z.shape[0], padding=1, pad_value=1)
+
+
+def train(cfg, resume=None):
+    """Train (or resume) a run; returns the run folder."""
+    from tqdm import tqdm
+    dev = pick_device(cfg.device)
+    if dev.type == "cpu":
+        torch.set_flush_denormal(True)  # denormals slow CPU training ~2x late in training
+    if dev.type == "cuda" and cfg.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data, _ = load_dataset(cfg.dataset, cfg.data_root, cfg.resolution, "train", cfg.n_train, cfg.bgr)
+    data = data.to(dev)
+    s = State(cfg, dev)
+    if resume is not None:
+        s.load_state_dict(resume["state"])
+        torch.set_rng_state(resume["rng_cpu"])
+        if dev.type == "cuda" and resume["rng_cuda"]:
+            torch.cuda.set_rng_state_all(resume["rng_cuda"])
+        print(f"resumed at {s.nimg / 1000:.1f} kimg (ada p {s.ada_p:.3f})")
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    n_g, n_d = (sum(p.numel() for p in net.parameters()) for net in (s.G, s.D))
+    print(f"G {n_g / 1e6:.2f} M parameters (fg + bg), D {n_d / 1e6:.2f} M | {len(data)} training images "
+          f"at {cfg.resolution}px | device {dev} | run folder {out}")
+    grid_z = torch.randn(8, cfg.z_dim, generator=torch.Generator().manual_seed(cfg.seed)).to(dev)
+    total, B = int(cfg.kimg * 1000), cfg.batch
+    log_n, snap_n = max(int(cfg.log_kimg * 1000), 1), max(int(cfg.snap_kimg * 1000), 1)
+    acc, t0, n0 = {}, time.time(), s.nimg
+    bar = tqdm(total=total, initial=min(s.nimg, total), unit="img", unit_scale=True, dynamic_ncols=True)
+    while s.nimg < total:
+        x_real = to_float(data[torch.randint(len(data), (B,), device=dev)])
+        try:
+            st = train_step(s, x_real, cfg)
+        except NonFiniteLoss as e:
+            bar.close()
+            raise NonFiniteLoss(f"{e}. Training stopped; the last good checkpoint is {out / 'checkpoint.pt'}") from None
+        bar.update(B)
+        for k, v in st.items():
+            acc.setdefault(k, []).append(v)
+        done = s.nimg >= total
+        if done or s.nimg // log_n > (s.nimg - B) // log_n:
+            rec = {k: float(np.mean(v)) for k, v in acc.items()}
+            rec.update(kimg=s.nimg / 1000, step=s.step, kimg_per_s=(s.nimg - n0) / 1000 / (time.time() - t0),
+                       flags=collapse_flags(rec))
+            with open(out / "stats.jsonl", "a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+            bar.set_postfix_str(f"G {rec['loss_G']:.2f} D {rec['loss_D']:.2f} ILS {rec['loss_ils']:+.3f} "
+                                f"p {s.ada_p:.2f} area {rec['mask_area']:.2f} bin {rec['mask_binary']:.2f} "
+                                + (" ".join(f"!{fl}" for fl in rec["flags"]) or "ok"))
+            acc = {}
+        if done or s.nimg // snap_n > (s.nimg - B) // snap_n:
+            save_grid(s.G_ema, grid_z, out / f"grid-{s.nimg / 1000:09.3f}kimg.png")
+            save_checkpoint(out / "checkpoint.pt", s, cfg)
+    bar.close()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# 10. Sampling, benchmark, main()
+# ----------------------------------------------------------------------------------------------
+
+
+def load_generator(path, device="cpu"):
+    """Run folder or checkpoint -> (cfg, G_ema in eval mode on `device`)."""
+    cfg, ckpt = load_checkpoint(path, device)
+    G = Generator(cfg).to(device).eval().requires_grad_(False)
+    G.load_state_dict(ckpt["state"]["G_ema"])
+    return cfg, G
+
+
+@torch.no_grad()
+def sample(G, n, batch=64, seed=0):
+    """Yield n generated samples from G in batches: dict(x, f, b, m), unperturbed, truncation 1.
+
+    x, f, b [B,3,H,W] in ~[-1,1], m [B,1,H,W] in (0,1). Deterministic in seed; the caller's RNG
+    is left untouched.
+    """
+    dev = next(G.parameters()).device
+    gz = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(seed + 1)  # noise inputs
+        for i in range(0, n, batch):
+            z = torch.randn(min(batch, n - i), G.z_dim, generator=gz).to(dev)
+            f, b, m = G(z)
+            yield dict(x=composite(f, b, m), f=f, b=b, m=m)
+
+
+def peak_memory_reset(dev):
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    elif os.path.exists("/proc/self/clear_refs"):
+        with open("/proc/self/clear_refs", "w") as fh:  # Linux: reset the peak RSS (VmHWM)
+            fh.write("5")
+
+
+def peak_memory_mb(dev):
+    if dev.type == "cuda":
+        return torch.cuda.max_memory_allocated(dev) / 2**20
+    import resource  # Linux reports ru_maxrss in KiB; VmHWM honours the reset above
+    try:
+        return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def benchmark(presets, device="auto", seconds=10.0, **overrides):
+    """Training throughput (img/s) and peak memory per preset, on random data, printed as a table."""
+    dev = pick_device(device)
+    if dev.type == "cpu":
+        torch.set_flush_denormal(True)
+    rows = []
+    for name in presets:
+        cfg = make_config(name, **overrides)
+        import gc
+        gc.collect()
+        peak_memory_reset(dev)
+        s = State(cfg, dev)
+        s.ada_p = 0.2  # time the augmentation too
+        x = torch.rand(cfg.batch, 3, cfg.resolution, cfg.resolution, device=dev) * 2 - 1
+        for _ in range(3):  # warm-up (includes one R1 step)
+            train_step(s, x, cfg)
+        steps, t0 = 0, time.time()
+        while time.time() - t0 < seconds or steps < 2:
+            train_step(s, x, cfg)
+            steps += 1
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.time() - t0
+        rows.append((name, cfg.resolution, cfg.batch, steps * cfg.batch / dt, peak_memory_mb(dev)))
+        del s
+    print(f"device: {dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f'{torch.get_num_threads()} threads'})")
+    print(f"{'preset':10s} {'res':>4s} {'batch':>5s} {'img/s':>9s} {'peak MB':>9s}")
+    for r in rows:
+        print(f"{r[0]:10s} {r[1]:4d} {r[2]:5d} {r[3]:9.1f} {r[4]:9.0f}")
+    return rows
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description="ILSGAN (arXiv 2211.13974): layered GAN + independent layer synthesis.",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--preset", default="cpu", choices=list(PRESETS), help="named overrides of the defaults")
+    ap.add_argument("--resume", default=None, help="run folder or checkpoint to continue")
+    ap.add_argument("--benchmark", nargs="*", default=None, metavar="PRESET",
+                    help="print img/s and peak memory for these presets (all if none given) and exit")
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool or f.type == "bool":
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"(default {f.default})")
+        else:
+            ap.add_argument(flag, type={"int": int, "float": float, "str": str}.get(f.type, f.type) if isinstance(f.type, str) else f.type,
+                            default=None, help=f"(default {f.default})")
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
+    if args.benchmark is not None:
+        overrides.pop("device")
+        benchmark(args.benchmark or list(PRESETS), device=args.device or "auto",
+                  **{k: v for k, v in overrides.items() if v is not None})
+        return
+    try:
+        resume = None
+        if args.resume:
+            saved, resume = load_checkpoint(args.resume)
+            cfg = Config(**saved.__dict__)
+            if overrides["out"] is None:  # continue in the same folder by default
+                overrides["out"] = str(find_checkpoint(args.resume).parent)
+            for k, v in overrides.items():
+                if v is not None:
+                    setattr(cfg, k, v)
+        else:
+            cfg = make_config(args.preset, **overrides)
+        print(json.dumps(dataclasses.asdict(cfg)))
+        out = train(cfg, resume)
+    except (NonFiniteLoss, FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    if cfg.evaluate:
+        import unet_eval  # distil a U-Net from generated pairs, score it on the test split
+        unet_eval.evaluate_run(out, budget=cfg.eval_budget)
+
+
+if __name__ == "__main__":
+    main()

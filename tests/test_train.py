@@ -1,0 +1,117 @@
+"""The training loop end to end with a tiny budget: reproducible, resumable, safe on bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ilsgan
+from conftest import ROOT
+
+
+def first_losses(seed):
+    cfg = ilsgan.make_config("tiny", seed=seed)
+    s = ilsgan.State(cfg, torch.device("cpu"))
+    torch.manual_seed(seed)
+    x = torch.rand(cfg.batch, 3, cfg.resolution, cfg.resolution) * 2 - 1
+    return [ilsgan.train_step(s, x, cfg) for _ in range(2)]
+
+
+def test_same_seed_gives_the_same_first_losses():
+    a, b, c = first_losses(0), first_losses(0), first_losses(1)
+    assert [r["loss_G"] for r in a] == [r["loss_G"] for r in b]
+    assert [r["loss_D"] for r in a] == [r["loss_D"] for r in b]
+    assert a[0]["loss_G"] != c[0]["loss_G"]
+
+
+def test_tiny_run_writes_its_files(tiny_run):
+    out, cfg = tiny_run
+    names = os.listdir(out)
+    assert {"config.json", "stats.jsonl", "checkpoint.pt"} <= set(names)
+    assert any(n.startswith("grid-") and n.endswith(".png") for n in names)
+    assert json.loads((out / "config.json").read_text())["resolution"] == cfg.resolution
+    rec = [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()]
+    assert rec[-1]["kimg"] >= cfg.kimg and {"loss_G", "loss_D", "mask_area", "flags", "ada_p"} <= set(rec[-1])
+
+
+def test_checkpoint_round_trip_with_weights_only(tiny_run):
+    out, cfg = tiny_run
+    cfg2, ckpt = ilsgan.load_checkpoint(out)  # torch.load(..., weights_only=True) inside
+    assert cfg2 == cfg
+    s = ilsgan.State(cfg2, torch.device("cpu"))
+    s.load_state_dict(ckpt["state"])
+    assert s.nimg == ckpt["state"]["nimg"] >= cfg.kimg * 1000
+    _, G = ilsgan.load_generator(out)
+    for k, v in G.state_dict().items():
+        assert torch.equal(v, ckpt["state"]["G_ema"][k])
+
+
+def test_resume_continues_exactly(tmp_path):
+    common = dict(device="cpu", ils_warmup=0.0, snap_kimg=0.048)
+    straight = ilsgan.train(ilsgan.make_config("tiny", out=str(tmp_path / "a"), kimg=0.096, **common))
+    ilsgan.train(ilsgan.make_config("tiny", out=str(tmp_path / "b"), kimg=0.048, **common))
+    _, ckpt = ilsgan.load_checkpoint(tmp_path / "b")
+    assert ckpt["state"]["nimg"] == 48
+    resumed = ilsgan.train(ilsgan.make_config("tiny", out=str(tmp_path / "b"), kimg=0.096, **common), resume=ckpt)
+    _, a = ilsgan.load_checkpoint(straight)
+    _, b = ilsgan.load_checkpoint(resumed)
+    assert a["state"]["nimg"] == b["state"]["nimg"] == 96
+    assert a["state"]["ada_p"] == b["state"]["ada_p"]
+    for net in ("G", "D", "G_ema"):
+        for k in a["state"][net]:
+            assert torch.equal(a["state"][net][k], b["state"][net][k]), (net, k)
+
+
+def test_non_finite_loss_stops_training_and_keeps_the_last_checkpoint(tiny_run, tmp_path, monkeypatch):
+    out, cfg = tiny_run
+    run = tmp_path / "nan"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes((out / "checkpoint.pt").read_bytes())
+    before = (run / "checkpoint.pt").read_bytes()
+    monkeypatch.setattr(ilsgan, "g_adversarial_loss", lambda d: d.mean() * float("nan"))
+    _, ckpt = ilsgan.load_checkpoint(run)
+    with pytest.raises(ilsgan.NonFiniteLoss, match="last good checkpoint"):
+        ilsgan.train(ilsgan.make_config("tiny", out=str(run), kimg=1.0, device="cpu"), resume=ckpt)
+    assert (run / "checkpoint.pt").read_bytes() == before
+
+
+def run_cli(args, cwd):
+    return subprocess.run([sys.executable, str(ROOT / "ilsgan.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_cli_trains_tiny_and_resumes(tmp_path):
+    r = run_cli(["--preset", "tiny", "--out", str(tmp_path / "run"), "--device", "cpu"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "run" / "checkpoint.pt").exists()
+    r = run_cli(["--resume", str(tmp_path / "run"), "--kimg", "0.2"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "resumed at 0.1 kimg" in r.stdout
+    _, ckpt = ilsgan.load_checkpoint(tmp_path / "run")
+    assert ckpt["state"]["nimg"] >= 200
+
+
+def test_cli_help_lists_every_config_field(tmp_path):
+    r = run_cli(["--help"], tmp_path)
+    for f in ("--lambda-ils", "--eta", "--ils-separate", "--mask-max", "--resume", "--benchmark"):
+        assert f in r.stdout
+
+
+def test_cli_missing_resume_is_a_clear_error(tmp_path):
+    r = run_cli(["--resume", str(tmp_path / "nothing")], tmp_path)
+    assert r.returncode != 0 and "no checkpoint at" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_importing_writes_nothing(tmp_path):
+    r = subprocess.run([sys.executable, "-c", "import ilsgan, unet_eval"], cwd=tmp_path, capture_output=True,
+                       text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "" and os.listdir(tmp_path) == []
+
+
+def test_benchmark_prints_throughput_and_memory(capsys):
+    rows = ilsgan.benchmark(["tiny"], device="cpu", seconds=0.5)
+    assert rows[0][0] == "tiny" and rows[0][3] > 0 and rows[0][4] > 0
+    assert "img/s" in capsys.readouterr().out

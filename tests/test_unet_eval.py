@@ -1,0 +1,69 @@
+"""Segmentation scoring: IoU/DICE on hand-made masks, and the U-Net protocol on a tiny run."""
+import json
+
+import pytest
+import torch
+
+import ilsgan
+import unet_eval
+
+
+def masks(*rows):
+    return torch.tensor(rows, dtype=torch.bool)[None]
+
+
+def test_identical_masks_score_one():
+    m = masks([1, 1, 0, 0], [0, 1, 0, 0])
+    r = unet_eval.seg_metrics(m, m)
+    assert r["iou"] == r["dice"] == r["iou_dataset"] == r["miou"] == r["pacc"] == 1.0
+
+
+def test_disjoint_masks_score_zero():
+    r = unet_eval.seg_metrics(masks([1, 1, 0, 0]), masks([0, 0, 1, 1]))
+    assert r["iou"] == r["dice"] == r["pacc"] == 0.0
+
+
+def test_known_partial_overlap():
+    pred, gt = masks([1, 1, 1, 0, 0, 0]), masks([0, 1, 1, 1, 0, 0])  # inter 2, union 4, sizes 3 + 3
+    r = unet_eval.seg_metrics(pred, gt)
+    assert r["iou"] == pytest.approx(0.5) and r["dice"] == pytest.approx(4 / 6)
+    assert r["pacc"] == pytest.approx(4 / 6)
+    assert r["miou"] == pytest.approx((0.5 + 2 / 4) / 2)  # bg: tn 2 / (2 + 1 + 1)
+
+
+def test_both_empty_is_defined_not_nan():
+    empty = masks([0, 0, 0, 0])
+    r = unet_eval.seg_metrics(empty, empty)
+    assert r["iou"] == 1.0 and r["dice"] == 1.0
+
+
+def test_per_image_mean_differs_from_dataset_level():
+    pred = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.bool)
+    gt = torch.tensor([[1, 1, 1, 1], [0, 1, 0, 0]], dtype=torch.bool)
+    r = unet_eval.seg_metrics(pred, gt)
+    assert r["iou"] == pytest.approx(0.5)  # (1 + 0) / 2
+    assert r["iou_dataset"] == pytest.approx(4 / 6)
+
+
+def test_unet_shapes_and_official_size():
+    assert unet_eval.UNet(8)(torch.randn(2, 3, 32, 32)).shape == (2, 2, 32, 32)
+    n = sum(p.numel() for p in unet_eval.UNet(64).parameters())
+    assert 13.0e6 < n < 13.8e6  # the official 13.4 M-parameter U-Net
+
+
+def test_unet_smoke_fit_on_a_tiny_checkpoint_writes_results(tiny_run):
+    out, _ = tiny_run
+    seg = unet_eval.evaluate(unet_eval.EvalConfig(ckpt=str(out), n=128, width=4, iters=30, batch=16,
+                                                  val_every=25, device="cpu"))
+    assert 0 <= seg["test"]["iou"] <= 1 and seg["n_test"] == 1000
+    assert {"all foreground", "mean training mask"} <= set(seg["baselines"])
+    assert seg["unet_val"][0]["iter"] == 20
+    results = json.loads((out / "results.json").read_text())
+    assert results["segmentation"]["test"] == seg["test"]
+    assert (out / "segmentation.png").exists()
+
+
+def test_128px_runs_segment_at_64_and_upsample_logits():
+    net = unet_eval.UNet(4)
+    pred = unet_eval.predict(net, torch.randn(3, 3, 64, 64), out_res=128)
+    assert pred.shape == (3, 128, 128) and pred.dtype == torch.bool

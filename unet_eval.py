@@ -1,0 +1,313 @@
+"""Segmentation score of an ILSGAN run: distil a U-Net from generated pairs, test it on real masks.
+
+ILSGAN only *generates* (image, mask) pairs. The paper ("Evaluation") and the official code
+(qrzou/ILSGAN: gen_and_seg.py, analyze_whole_training_process.py, eval_segmentation*.py) measure
+segmentation by training a U-Net on those pairs and scoring it on real images with ground truth:
+
+    1. G_ema draws N pairs (official: 10,000), truncation 1, mask thresholded at 0.5.
+    2. A U-Net (64-128-256-512-512 channels, BatchNorm, bilinear up-sampling, 2-class logits) is
+       trained on the first 90%: Adam 1e-3, batch 64, 6000 iterations, lr x0.2 at 4000, colour
+       augmentation (brightness, contrast, luma flip, hue, saturation, each with p = 0.5).
+    3. The weights with the best dataset-level foreground IoU on the last 10% are kept.
+    4. They are scored once on the real test split. The paper's figures are per-image foreground
+       IoU and DICE averaged over images (the DRC protocol); we also report dataset-level
+       foreground IoU, mean IoU (fg, bg) and pixel accuracy. An image whose prediction and truth
+       are both empty scores IoU = DICE = 1 (DRC would produce NaN there).
+    For 128 px runs the official protocol segments at 64 px: generated pairs and test images are
+    resized to 64, and the logits are upsampled x2 (bilinear) before the argmax at 128.
+
+The `cpu` budget (fewer pairs, narrower U-Net, fewer iterations) serves the default demo; `auto`
+picks it on a CPU and the official budget on a GPU.
+
+    python unet_eval.py --ckpt RUN_DIR_OR_CKPT [--dataset ...] [--data-root ...] [--budget official]
+
+Writes results.json (fractions in [0, 1], protocol named) and segmentation.png (test images with
+predicted outlines in red and true outlines in green) into the run folder.
+"""
+import argparse
+import copy
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import ilsgan
+
+
+@dataclass
+class EvalConfig:
+    ckpt: str = ""  # run folder or checkpoint file
+    dataset: str = ""  # test set; default: the run's own dataset
+    data_root: str = ""  # default: the run's own data root
+    budget: str = "auto"  # official | cpu | auto (cpu on a CPU, official on a GPU)
+    n: int = 10000  # generated pairs (90% train, 10% validation)
+    width: int = 64  # U-Net base width: channels width * (1, 2, 4, 8, 8)
+    iters: int = 6000  # U-Net training iterations
+    batch: int = 64
+    lr: float = 1e-3
+    lr_step: int = 4000  # lr x0.2 at this iteration
+    val_every: int = 1000  # validate at iteration 20 and then every this many (official 1000)
+    seg_res: int = 64  # official: segment at 64 px at most (128 px runs: upsample the logits)
+    seed: int = 0
+    device: str = "auto"
+
+
+BUDGETS = {
+    "official": dict(n=10000, width=64, iters=6000, lr_step=4000, val_every=1000),
+    "cpu": dict(n=4000, width=16, iters=1000, lr_step=700, val_every=250),
+}
+
+
+# --- metrics ---------------------------------------------------------------------------------
+
+
+def seg_metrics(pred, gt):
+    """pred, gt bool [N,H,W] (True = foreground) -> dict of fractions in [0, 1].
+
+    iou, dice: per image, then averaged (DRC protocol; the paper's figures). Both empty -> 1.
+    iou_dataset: foreground TP / (TP + FP + FN) over all pixels; miou: mean of fg and bg IoU;
+    pacc: pixel accuracy.
+    """
+    pred, gt = pred.flatten(1), gt.flatten(1)
+    inter = (pred & gt).sum(1).double()
+    union = (pred | gt).sum(1).double()
+    size = pred.sum(1).double() + gt.sum(1).double()
+    iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(inter))
+    dice = torch.where(size > 0, 2 * inter / size.clamp(min=1), torch.ones_like(inter))
+    tp, fp, fn = inter.sum(), (pred & ~gt).sum().double(), (~pred & gt).sum().double()
+    tn = (~pred & ~gt).sum().double()
+    iou_fg = tp / (tp + fp + fn).clamp(min=1)
+    iou_bg = tn / (tn + fp + fn).clamp(min=1)
+    return dict(iou=iou.mean().item(), dice=dice.mean().item(), iou_dataset=iou_fg.item(),
+                miou=((iou_fg + iou_bg) / 2).item(), pacc=((tp + tn) / pred.numel()).item())
+
+
+# --- U-Net (milesial-style, as the official evaluation) --------------------------------------
+
+
+def double_conv(cin, cout):
+    """(conv3x3 -> BatchNorm -> ReLU) x 2."""
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+                         nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class Up(nn.Module):
+    """x2 bilinear up-sampling (align_corners=True), concatenate the skip, double conv."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.conv = double_conv(cin, cout)
+
+    def forward(self, x, skip):
+        x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=True)
+        return self.conv(torch.cat([skip, x], dim=1))
+
+
+class UNet(nn.Module):
+    """[B,3,H,W] in [-1,1] -> 2-class logits [B,2,H,W]. width 64 is the official 13.4 M net."""
+
+    def __init__(self, width=64):
+        super().__init__()
+        c = [width, width * 2, width * 4, width * 8, width * 8]
+        self.inc = double_conv(3, c[0])
+        self.downs = nn.ModuleList([double_conv(c[i], c[i + 1]) for i in range(4)])
+        self.ups = nn.ModuleList([Up(c[4] + c[3], c[2]), Up(c[2] * 2, c[1]), Up(c[1] * 2, c[0]), Up(c[0] * 2, c[0])])
+        self.outc = nn.Conv2d(c[0], 2, 1)
+
+    def forward(self, x):
+        skips = [self.inc(x)]
+        for down in self.downs:
+            skips.append(down(F.max_pool2d(skips[-1], 2)))
+        x = skips.pop()
+        for up in self.ups:
+            x = up(x, skips.pop())
+        return self.outc(x)
+
+
+# --- the protocol ----------------------------------------------------------------------------
+
+
+def resize_images(x, res):
+    """uint8 or float [N,3,H,W] -> float [-1,1] at res (bilinear, antialiased)."""
+    x = ilsgan.to_float(x) if x.dtype == torch.uint8 else x
+    if x.shape[-1] != res:
+        x = F.interpolate(x, size=(res, res), mode="bilinear", align_corners=False, antialias=True)
+    return x
+
+
+def resize_masks(m, res):
+    """bool [N,1,H,W] -> bool [N,1,res,res] (bilinear, then > 0.5, as the official loaders)."""
+    if m.shape[-1] == res:
+        return m
+    return F.interpolate(m.float(), size=(res, res), mode="bilinear", align_corners=False, antialias=True) > 0.5
+
+
+@torch.no_grad()
+def generate_pairs(G, n, seed=0, batch=256):
+    """n pairs from G: images uint8 [n,3,H,W] (as the official PNGs), masks bool [n,1,H,W] (m >= 0.5),
+    and the mean soft-mask statistics (area, binarisation) of the generator."""
+    from tqdm import tqdm
+    xs, ms, area, binary = [], [], 0.0, 0.0
+    for s in tqdm(ilsgan.sample(G, n, batch, seed), total=-(-n // batch), desc="generating pairs", leave=False):
+        xs.append(((s["x"] * 127.5 + 128).clamp(0, 255)).to(torch.uint8).cpu())  # official: truncating cast
+        ms.append((s["m"] >= 0.5).cpu())
+        area += s["m"].sum().item()
+        binary += torch.minimum(s["m"], 1 - s["m"]).sum().item()
+    x, m = torch.cat(xs), torch.cat(ms)
+    return x, m, dict(gen_mask_area=area / m.numel(), gen_mask_binary=binary / m.numel())
+
+
+@torch.no_grad()
+def predict(net, x, out_res, batch=64):
+    """Images [N,3,h,w] float -> bool foreground [N,out_res,out_res]; logits upsampled if needed."""
+    net.eval()
+    preds = []
+    for i in range(0, len(x), batch):
+        logits = net(x[i:i + batch])
+        if logits.shape[-1] != out_res:  # official 128 protocol: x2 bilinear on the logits
+            logits = F.interpolate(logits, size=(out_res, out_res), mode="bilinear", align_corners=False)
+        preds.append(logits.argmax(1).bool().cpu())
+    return torch.cat(preds)
+
+
+def train_unet(x, m, ec, dev):
+    """Train on the first 90% of (x, m), keep the weights with the best val dataset-level IoU."""
+    from tqdm import tqdm
+    n_train = int(len(x) * 0.9)
+    x, m = x.to(dev), m[:, 0].long().to(dev)
+    torch.manual_seed(ec.seed)
+    net = UNet(ec.width).to(dev)
+    opt = torch.optim.Adam(net.parameters(), lr=ec.lr)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=ec.lr_step, gamma=0.2)
+    best, best_iou, history = None, -1.0, []
+    bar = tqdm(range(1, ec.iters + 1), desc="U-Net", leave=False)
+    for it in bar:
+        net.train()
+        idx = torch.randint(n_train, (ec.batch,), device=dev)
+        xb = ilsgan.augment(x[idx], 0.5, geometric=False)  # official: colour augmentation only
+        loss = F.cross_entropy(net(xb), m[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if it == 20 or it % ec.val_every == 0 or it == ec.iters:
+            val = seg_metrics(predict(net, x[n_train:], x.shape[-1]), m[n_train:].bool().cpu())
+            history.append(dict(iter=it, loss=loss.item(), **val))
+            bar.set_postfix_str(f"loss {loss.item():.3f} val IoU {val['iou_dataset']:.3f}")
+            if val["iou_dataset"] > best_iou:
+                best_iou, best = val["iou_dataset"], copy.deepcopy(net.state_dict())
+    net.load_state_dict(best)
+    return net, history
+
+
+def outline(m):
+    """bool [N,1,H,W] -> its 1-pixel inner boundary."""
+    mf = m.float()
+    return (mf - -F.max_pool2d(-mf, 3, 1, 1)) > 0
+
+
+def save_outlines(x, pred, gt, path, n=32):
+    """Test images with predicted (red) and true (green) mask outlines, upscaled for viewing."""
+    from torchvision.utils import save_image
+    img = (ilsgan.to_float(x[:n]) + 1) / 2 if x.dtype == torch.uint8 else (x[:n] + 1) / 2
+    res = gt.shape[-1]
+    img = F.interpolate(img, size=(res, res), mode="bilinear", align_corners=False)
+    scale = max(1, 128 // res)
+    img = F.interpolate(img, scale_factor=scale, mode="nearest")
+    p = F.interpolate(pred[:n, None].float(), scale_factor=scale, mode="nearest") > 0.5
+    g = F.interpolate(gt[:n, None].float(), scale_factor=scale, mode="nearest") > 0.5
+    red, green = torch.tensor([1.0, 0, 0])[None, :, None, None], torch.tensor([0, 1.0, 0])[None, :, None, None]
+    img = torch.where(outline(g), green, img)
+    img = torch.where(outline(p), red, img)
+    save_image(img, path, nrow=8, padding=2, pad_value=1)
+
+
+def merge_results(run_dir, section, values):
+    """results.json in the run folder: one section per tool, written atomically."""
+    path = Path(run_dir) / "results.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results[section] = values
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=2))
+    os.replace(tmp, path)
+    return results
+
+
+def evaluate(ec):
+    """The whole protocol for one checkpoint; returns the 'segmentation' section of results.json."""
+    dev = ilsgan.pick_device(ec.device)
+    if dev.type == "cpu":
+        torch.set_flush_denormal(True)
+    budget = ec.budget if ec.budget != "auto" else ("cpu" if dev.type == "cpu" else "official")
+    for k, v in BUDGETS[budget].items():
+        if getattr(ec, k) == getattr(EvalConfig, k):  # budget fills only what was not set
+            setattr(ec, k, v)
+    ckpt_path = ilsgan.find_checkpoint(ec.ckpt)
+    cfg, G = ilsgan.load_generator(ckpt_path, dev)
+    dataset, root = ec.dataset or cfg.dataset, ec.data_root or cfg.data_root
+    seg_res = min(cfg.resolution, ec.seg_res)
+    t0 = time.time()
+    x_test, m_test = ilsgan.load_dataset(dataset, root, cfg.resolution, "test", cfg.n_train, cfg.bgr)
+    if m_test is None:
+        raise ValueError(f"dataset {dataset!r} has no test masks to score against")
+    x_gen, m_gen, gen_stats = generate_pairs(G, ec.n, ec.seed)
+    net, history = train_unet(resize_images(x_gen, seg_res), resize_masks(m_gen, seg_res), ec, dev)
+    pred = predict(net, resize_images(x_test, seg_res).to(dev), cfg.resolution)
+    gt = m_test[:, 0]
+    test = seg_metrics(pred, gt)
+    # trivial baselines on the same test split
+    baselines = {"all foreground": seg_metrics(torch.ones_like(gt), gt)}
+    _, m_train = ilsgan.load_dataset(dataset, root, cfg.resolution, "train", cfg.n_train, cfg.bgr)
+    if m_train is not None:
+        mean_mask = m_train[:, 0].float().mean(0) >= 0.5
+        baselines["mean training mask"] = seg_metrics(mean_mask.expand_as(gt), gt)
+    save_outlines(x_test, pred, gt, ckpt_path.parent / "segmentation.png")
+    out = dict(protocol=f"U-Net distillation ({budget} budget: {ec.n} pairs, width {ec.width}, {ec.iters} iters), "
+                        f"segmented at {seg_res}px, scored at {cfg.resolution}px on the {dataset} test split; "
+                        "iou/dice: per-image foreground, averaged over images (DRC)",
+               checkpoint=str(ckpt_path), kimg=cfg.kimg, test=test, baselines=baselines, **gen_stats,
+               n_test=len(gt), unet_val=history, seconds=time.time() - t0)
+    merge_results(ckpt_path.parent, "segmentation", out)
+    return out
+
+
+def print_table(seg):
+    print(f"\n{'on the ' + str(seg['n_test']) + ' test images':34s} {'IoU':>6s} {'DICE':>6s}")
+    print(f"{'ILSGAN -> U-Net (per image)':34s} {seg['test']['iou']:6.3f} {seg['test']['dice']:6.3f}")
+    for name, b in seg["baselines"].items():
+        print(f"{'baseline: ' + name:34s} {b['iou']:6.3f} {b['dice']:6.3f}")
+    print(f"generator masks: area {seg['gen_mask_area']:.3f}, binarisation loss {seg['gen_mask_binary']:.3f} "
+          f"| dataset-level IoU {seg['test']['iou_dataset']:.3f}, mIoU {seg['test']['miou']:.3f}, "
+          f"pixel acc {seg['test']['pacc']:.3f}")
+
+
+def evaluate_run(run_dir, **overrides):
+    """Called at the end of `python ilsgan.py`: evaluate and print the closing table."""
+    ec = EvalConfig(ckpt=str(run_dir), **overrides)
+    seg = evaluate(ec)
+    print_table(seg)
+    print(f"results: {Path(run_dir) / 'results.json'}, picture: {Path(run_dir) / 'segmentation.png'}")
+    return seg
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(EvalConfig):
+        ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    ec = EvalConfig(**vars(ap.parse_args(argv)))
+    if not ec.ckpt:
+        ap.error("--ckpt RUN_DIR_OR_CKPT is required")
+    try:
+        evaluate_run(ec.ckpt, **{k: v for k, v in dataclasses.asdict(ec).items() if k != "ckpt"})
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
