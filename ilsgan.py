@@ -14,7 +14,7 @@ Trained on unlabelled photos only, the mask m becomes a segmenter (see unet_eval
 Three commands:
     python ilsgan.py                                  # embedded synthetic benchmark, `cpu` preset, then IoU
     python ilsgan.py --preset tiny --kimg 1 --out runs/t    # seconds: smoke test
-    python ilsgan.py --dataset cub --data-root ~/data/DRC_processed/birds --preset paper64   # one GPU
+    python ilsgan.py --preset paper64 --device cuda  # the official 64 px settings on one GPU
 
 Contents (the banners below, in order):
     1. Config and presets               6. ADA-lite (differentiable augmentation)
@@ -36,7 +36,8 @@ Differences from the official code (qrzou/ILSGAN, a stylegan2-ada-pytorch fork):
       reflection padding (stock: integer blits + 2x upsampled FIR resampling). Same ops, same p.
     - training_loop_ILS.py: the ILS warm-up (0.2 until 400 of 8000 kimg) is expressed as a fraction
       of the run (5%) so that short presets leave it too; identical for 8000 kimg.
-    - dataset.py: images are decoded once into memory; cars/dogs load as RGB unless --bgr.
+    - dataset.py: images are held in memory as one uint8 tensor; the real-data loaders (DRC
+      Cars/Dogs/CUB layouts) are not part of this version yet.
     - our own additions, all switches and marked `# ours:`: an upper mask-area hinge and a border
       prior for the small CPU preset, and a collapse watch that names known failures in the log.
 
@@ -66,11 +67,11 @@ import torch.nn.functional as F
 @dataclass
 class Config:
     # --- data
-    dataset: str = "synthetic"  # synthetic | cars | dogs | cub | folder
+    dataset: str = "synthetic"  # synthetic (real layouts cars | dogs | cub | folder: not yet available)
     data_root: str = ""  # dataset root (not needed for synthetic)
     resolution: int = 32  # training resolution (square), a power of two
     n_train: int = 10000  # synthetic benchmark: number of training images
-    bgr: bool = False  # official: cars/dogs are read as BGR by cv2; set to reproduce that
+    bgr: bool = False  # official: cars/dogs are read as BGR by cv2 (for the real-data loaders, not yet available)
     # --- model
     z_dim: int = 512  # latent z, shared by both layers (official)
     w_dim: int = 512  # intermediate latent w of each mapping network
@@ -632,7 +633,7 @@ def _render_synthetic(B, S, g):
     ], dim=1).gather(1, kind[:, None, None, None].expand(-1, 1, S, S))[:, 0]
     R = (4 * A / math.pi).sqrt()[:, None, None]
     obj = (r < R * rho).float()[:, None]  # [B,1,S,S]
-    tex_kind, freq = torch.randint(4, (B,), generator=g), U(B, lo=5.0, hi=9.0)
+    tex_kind, freq = torch.randint(4, (B,), generator=g), U(B, lo=2.5, hi=4.5)  # periods of 5-10 px at 32 px
     f1, f2 = colour(), colour()
     fg = _texture(u / R, v / R, tex_kind, freq * R[:, 0, 0], f1, f2)
     fg = fg * (1 - 0.25 * (u / R).clamp(-1, 1)[:, None])  # a little light from one side
@@ -643,14 +644,14 @@ def _render_synthetic(B, S, g):
                 for kx in (1.0, 0.0, 0.5))
     t = torch.sigmoid(2 * waves)[:, None]
     img = b1[:, :, None, None] * t + b2[:, :, None, None] * (1 - t)
-    for _ in range(4):
+    for _ in range(3):
         ex, ey = U(B, lo=-1, hi=1)[:, None, None], U(B, lo=-1, hi=1)[:, None, None]
         rx, ry = U(B, lo=0.08, hi=0.3)[:, None, None], U(B, lo=0.08, hi=0.3)[:, None, None]
         inside = (((xx - ex) / rx).square() + ((yy - ey) / ry).square() < 1).float()[:, None]
         img = img * (1 - inside) + colour()[:, :, None, None] * inside
     # leakage: distractor patches near the border that copy the object's texture and colours
     for _ in range(2):
-        on = (U(B) < 0.5).float()[:, None, None, None]
+        on = (U(B) < 0.35).float()[:, None, None, None]
         px = U(B, lo=0.55, hi=0.85) * torch.where(U(B) < 0.5, -1.0, 1.0)
         py = U(B, lo=0.55, hi=0.85) * torch.where(U(B) < 0.5, -1.0, 1.0)
         h = U(B, lo=0.15, hi=0.25)[:, None, None]
@@ -690,8 +691,9 @@ def load_dataset(name, root, res, split, n_train=10000, bgr=False):
     """
     if name == "synthetic":
         return make_synthetic(n_train, res, seed=0) if split == "train" else make_synthetic(1000, res, SYNTHETIC_TEST_SEED)
-    import real_data  # the real layouts (cars, dogs, cub, folder) live beside this file
-    return real_data.load(name, root, res, split, bgr=bgr)
+    # The real layouts (cars, dogs, cub, folder of images) are not implemented yet: say so plainly.
+    raise ValueError(f"dataset {name!r} is not available in this version: only --dataset synthetic is "
+                     "implemented (see README, 'Real datasets')")
 
 
 def to_float(x):
@@ -938,7 +940,7 @@ def train(cfg, resume=None):
         done = s.nimg >= total
         if done or s.nimg // log_n > (s.nimg - B) // log_n:
             rec = {k: float(np.mean(v)) for k, v in acc.items()}
-            rec.update(kimg=s.nimg / 1000, step=s.step, kimg_per_s=(s.nimg - n0) / 1000 / (time.time() - t0),
+            rec.update(kimg=s.nimg / 1000, step=s.step, sec=time.time() - t0, kimg_per_s=(s.nimg - n0) / 1000 / (time.time() - t0),
                        flags=collapse_flags(rec))
             with open(out / "stats.jsonl", "a") as fh:
                 fh.write(json.dumps(rec) + "\n")

@@ -60,7 +60,7 @@ class EvalConfig:
 
 BUDGETS = {
     "official": dict(n=10000, width=64, iters=6000, lr_step=4000, val_every=1000),
-    "cpu": dict(n=4000, width=16, iters=1000, lr_step=700, val_every=250),
+    "cpu": dict(n=3000, width=16, iters=600, lr_step=400, val_every=200),
 }
 
 
