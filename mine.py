@@ -1,0 +1,181 @@
+"""Mutual information between the layers of an ILSGAN run, by MINE (Belghazi et al., ICML 2018).
+
+The paper reports "MI" (Tables 2-3) as a MINE estimate: a statistics network T(x, y) trained to
+maximise the Donsker-Varadhan lower bound
+
+    I(X; Y) >= E_joint[T(x, y)] - log E_marginal[exp T(x, y')],     y' = y of a shuffled pair
+
+on generated layers, separately for the two region pairs of Eq. (11) and summed:
+
+    pair 1: x = f*m (visible foreground),   y = b*m (the background hidden under it)
+    pair 2: x = b*(1-m) (visible background), y = f*(1-m) (the foreground hidden under it)
+    whole:  x = f, y = b (the whole layers; Table 3 row E's quantity)
+
+Official protocol (qrzou/ILSGAN eval_MI_MINE.py): 10k samples, everything resized to 64x64, soft
+mask, T = an MLP on the flattened pair (24576 -> 3000 -> 1), Adam 2e-4, batch 64, 100k iterations,
+shuffling with replacement, ReduceLROnPlateau on the estimate, the DV bound evaluated on the whole
+training set every 400 iterations, and the mean of the last 20 evaluations reported. No moving-
+average gradient correction: that is the default here too, so that numbers compare with the paper;
+`--ma-rate 0.01` turns on the MINE paper's bias-corrected gradient, which is less biased for small
+batches but is not what the paper's figures used. The `cpu` setting (16x16, 2,000 samples, a
+narrower MLP, 3,000 iterations) runs in a few minutes on a 2-core CPU; its numbers are not
+comparable with the paper's, only with each other.
+
+    python mine.py --ckpt RUN_DIR_OR_CKPT [--setting official]
+
+Results are merged into the run's results.json under "mi" (nats).
+"""
+import argparse
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import ilsgan
+
+
+@dataclass
+class MineConfig:
+    ckpt: str = ""  # run folder or checkpoint file
+    setting: str = "auto"  # official | cpu | auto (cpu on a CPU, official on a GPU)
+    n: int = 10000  # generated samples
+    res: int = 64  # layers are resized to res x res (official 64)
+    hidden: int = 3000  # hidden units of the statistics MLP
+    lr: float = 2e-4
+    batch: int = 64
+    iters: int = 100000
+    eval_every: int = 400  # evaluate the DV bound on all samples every this many iterations
+    last: int = 20  # report the mean of the last this many evaluations
+    ma_rate: float = 0.0  # MINE bias-corrected gradient with this moving-average rate; 0 = off (official)
+    seed: int = 0
+    device: str = "auto"
+
+
+SETTINGS = {
+    "official": dict(n=10000, res=64, hidden=3000, iters=100000, eval_every=400),
+    "cpu": dict(n=2000, res=16, hidden=512, iters=3000, eval_every=100),
+}
+
+
+class StatisticsNetwork(nn.Module):
+    """T(x, y): an MLP on the concatenated, flattened pair (official: one hidden layer)."""
+
+    def __init__(self, dim_x, dim_y, hidden):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim_x + dim_y, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+
+    def forward(self, x, y):  # [B,...], [B,...] -> [B]
+        return self.net(torch.cat([x.flatten(1), y.flatten(1)], dim=1)).squeeze(1)
+
+
+def dv_bound(t_joint, t_marginal):
+    """Donsker-Varadhan: mean T(joint) - log mean exp T(marginal). [B],[B] -> []."""
+    return t_joint.mean() - (torch.logsumexp(t_marginal, 0) - math.log(t_marginal.numel()))
+
+
+def mine_step(T, x, y, ma, ma_rate):
+    """One loss for T on a batch; returns (loss to minimise, DV bound, new moving average)."""
+    y_marg = y[torch.randint(len(y), (len(y),), device=y.device)]  # official: with replacement
+    t_joint, t_marg = T(x, y), T(x, y_marg)
+    bound = dv_bound(t_joint, t_marg)
+    if ma_rate <= 0:
+        return -bound, bound, ma
+    # MINE's bias correction: the gradient of log E[e^T] uses a moving average in the denominator
+    et = t_marg.exp().mean()
+    ma = et.detach() if ma is None else (1 - ma_rate) * ma + ma_rate * et.detach()
+    return -(t_joint.mean() - et / ma), bound, ma
+
+
+@torch.no_grad()
+def evaluate_bound(T, x, y, batch=128):
+    """DV bound over all samples in batches, fresh shuffle, averaged over batches (official)."""
+    T.eval()
+    perm, bounds = torch.randperm(len(x), device=x.device), []
+    for i in range(0, len(x), batch):
+        xb, yb = x[perm[i:i + batch]], y[perm[i:i + batch]]
+        bounds.append(dv_bound(T(xb, yb), T(xb, yb[torch.randint(len(yb), (len(yb),), device=yb.device)])).item())
+    T.train()
+    return sum(bounds) / len(bounds)
+
+
+def estimate_mi(x, y, mc, desc="MINE"):
+    """Train T on (x, y) pairs [N,...] and return (mean of the last `mc.last` evaluations, history)."""
+    from tqdm import tqdm
+    torch.manual_seed(mc.seed)
+    T = StatisticsNetwork(x[0].numel(), y[0].numel(), mc.hidden).to(x.device)
+    opt = torch.optim.Adam(T.parameters(), lr=mc.lr)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.1, patience=10, threshold=1e-4)
+    ma, history = None, []
+    bar = tqdm(range(1, mc.iters + 1), desc=desc, leave=False)
+    for it in bar:
+        idx = torch.randint(len(x), (mc.batch,), device=x.device)
+        loss, bound, ma = mine_step(T, x[idx], y[idx], ma, mc.ma_rate)
+        if not torch.isfinite(loss):  # official: skip a non-finite batch
+            continue
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if it % mc.eval_every == 0:
+            history.append(evaluate_bound(T, x, y))
+            sched.step(history[-1])
+            bar.set_postfix_str(f"MI {history[-1]:.3f}")
+    tail = history[-mc.last:] or [float("nan")]
+    return sum(tail) / len(tail), history
+
+
+@torch.no_grad()
+def layer_pairs(G, n, res, seed=0):
+    """Generated layers resized to res: the Eq. (11) region pairs and the whole layers."""
+    f, b, m = [], [], []
+    for s in ilsgan.sample(G, n, 256, seed):
+        for lst, v in ((f, s["f"]), (b, s["b"]), (m, s["m"])):
+            lst.append(F.interpolate(v, size=(res, res), mode="bilinear", align_corners=False, antialias=True)
+                       if v.shape[-1] != res else v)
+    f, b, m = (torch.cat(v).clamp(-1, 1) if i < 2 else torch.cat(v) for i, v in enumerate((f, b, m)))
+    return {"vis_fg;inv_bg": (f * m, b * m), "vis_bg;inv_fg": (b * (1 - m), f * (1 - m)), "whole f;b": (f, b)}
+
+
+def evaluate(mc):
+    """Estimate all three MIs for one checkpoint; merge them into results.json; return the section."""
+    import unet_eval
+    dev = ilsgan.pick_device(mc.device)
+    if dev.type == "cpu":
+        torch.set_flush_denormal(True)
+    setting = mc.setting if mc.setting != "auto" else ("cpu" if dev.type == "cpu" else "official")
+    for k, v in SETTINGS[setting].items():
+        if getattr(mc, k) == getattr(MineConfig, k):
+            setattr(mc, k, v)
+    ckpt_path = ilsgan.find_checkpoint(mc.ckpt, best=True)  # official: the lowest-FID snapshot if any
+    _, G = ilsgan.load_generator(ckpt_path, dev)
+    t0, out = time.time(), {}
+    for name, (x, y) in layer_pairs(G, mc.n, mc.res, mc.seed).items():
+        out[name], _ = estimate_mi(x, y, mc, desc=f"MINE {name}")
+    out["sum (Eq. 11)"] = out["vis_fg;inv_bg"] + out["vis_bg;inv_fg"]
+    section = dict(protocol=f"MINE ({setting} setting: {mc.n} samples at {mc.res}px, MLP {mc.hidden}, "
+                            f"{mc.iters} iters, mean of the last {mc.last} evaluations, ma_rate {mc.ma_rate})",
+                   nats=out, seconds=time.time() - t0)
+    unet_eval.merge_results(ckpt_path.parent, "mi", section)
+    return section
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(MineConfig):
+        ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    mc = MineConfig(**vars(ap.parse_args(argv)))
+    if not mc.ckpt:
+        ap.error("--ckpt RUN_DIR_OR_CKPT is required")
+    try:
+        section = evaluate(mc)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    for k, v in section["nats"].items():
+        print(f"MI {k:16s} {v:7.3f} nats")
+
+
+if __name__ == "__main__":
+    main()

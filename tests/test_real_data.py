@@ -1,0 +1,189 @@
+"""Real-data loaders on small fake trees built in the documented layouts (DRC cars/dogs, CUB, folder)."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import ilsgan
+from conftest import ROOT
+
+
+def save_rgb(path, w, h, colour=(200, 30, 30), gray=False):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    a = np.zeros((h, w, 3), np.uint8)
+    a[...] = colour
+    a[:, : w // 2] = (10, 20, 250)  # left half blue: lets the tests check crops and channel order
+    im = Image.fromarray(a)
+    (im.convert("L") if gray else im).save(path)
+
+
+def save_mask(path, w, h, box, gray_edge=False):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    a = np.zeros((h, w), np.uint8)
+    x0, y0, x1, y1 = box
+    a[y0:y1, x0:x1] = 255
+    if gray_edge:
+        a[y0:y1, x0] = 100  # soft edge: below 0.5, must end up background
+        a[y0:y1, x1 - 1] = 180  # above 0.5: foreground
+    Image.fromarray(a).save(path)
+
+
+@pytest.fixture
+def cars(tmp_path):
+    r = tmp_path / "cars"
+    np.save(r.mkdir() or r / "data_mrcnn_train_select.npy", np.array(["a1", "a2", "a3"]))
+    np.save(r / "data_mrcnn_test_select.npy", np.array([7, 8]))
+    for t, (w, h) in zip(["a1", "a2", "a3"], [(60, 40), (40, 60), (50, 50)]):
+        save_rgb(r / f"data_mrcnn/train/orig/{t}_orig.png", w, h)
+    for t in ["7", "8"]:
+        save_rgb(r / f"data_mrcnn/test/resized/{t}_resized.png", 32, 32)
+        save_mask(r / f"data_mrcnn/test/resized/{t}_maskresized.png", 32, 32, (8, 8, 24, 24))
+    return r
+
+
+@pytest.fixture
+def cub(tmp_path):
+    r = tmp_path / "birds"
+    names = ["001.A/a_1", "001.A/a_2", "002.B/b_1", "002.B/b_2"]
+    sizes = [(80, 60), (60, 80), (100, 50), (64, 64)]
+    boxes = [(20.0, 10.0, 30.0, 30.0), (0.0, 0.0, 20.7, 30.2), (70.0, 10.0, 29.0, 30.0), (10.0, 10.0, 40.0, 40.0)]
+    r.mkdir()
+    (r / "images.txt").write_text("".join(f"{i + 1} {n}.jpg\n" for i, n in enumerate(names)))
+    (r / "bounding_boxes.txt").write_text("".join(f"{i + 1} {' '.join(map(str, b))}\n" for i, b in enumerate(boxes)))
+    (r / "train_val_test_split.txt").write_text("1 0\n2 1\n3 2\n4 2\n")
+    (r / "train_test_split.txt").write_text("1 1\n2 1\n3 0\n4 0\n")
+    for i, (n, (w, h), b) in enumerate(zip(names, sizes, boxes)):
+        save_rgb(r / f"images/{n}.jpg", w, h, gray=(i == 0))
+        x, y, bw, bh = map(int, b)
+        save_mask(r / f"segmentations/{n}.png", w, h, (x, y, x + bw, y + bh), gray_edge=True)
+    return r
+
+
+def test_cars_shapes_ranges_and_split_sizes(cars):
+    x, m = ilsgan.load_dataset("cars", str(cars), 16, "train")
+    assert x.shape == (3, 3, 16, 16) and x.dtype == torch.uint8 and m is None
+    x, m = ilsgan.load_dataset("cars", str(cars), 16, "test")
+    assert x.shape == (2, 3, 16, 16) and m.shape == (2, 1, 16, 16) and m.dtype == torch.bool
+    assert m[0, 0, 8, 8] and not m[0, 0, 0, 0] and m.float().mean() == pytest.approx(0.25)
+
+
+def test_training_crop_is_the_centred_square(cars):
+    x, _ = ilsgan.load_dataset("cars", str(cars), 20, "train")
+    # a1 is 60x40: the centre square is x in [10, 50), half blue (x < 30) and half red
+    assert x[0, 2, 10, 2] > 200 and x[0, 0, 10, 17] > 150  # left blue, right red
+    assert x[0, 2, 10, 9] > 150 and x[0, 0, 10, 11] > 150
+
+
+def test_bgr_switch_reproduces_the_official_channel_order(cars):
+    rgb, _ = ilsgan.load_dataset("cars", str(cars), 16, "test")
+    bgr, _ = ilsgan.load_dataset("cars", str(cars), 16, "test", bgr=True)
+    assert torch.equal(rgb.flip(1), bgr)
+
+
+def test_dogs_layout(tmp_path):
+    r = tmp_path / "dogs"
+    r.mkdir()
+    np.save(r / "data_tr_sel.npy", np.array(["d1", "d2"]))
+    np.save(r / "data_te_sel.npy", np.array(["e1", "e2", "e3"]))
+    for t in ["d1", "d2"]:
+        save_rgb(r / f"train_orig/orig/{t}_orig.png", 30, 20)
+    for t in ["e1", "e2", "e3"]:
+        save_rgb(r / f"data_mrcnn/test/resized/{t}_resized.png", 24, 24)
+        save_mask(r / f"data_mrcnn/test/resized/{t}_maskresized.png", 24, 24, (0, 0, 12, 24))
+    assert len(ilsgan.load_dataset("dogs", str(r), 8, "train")[0]) == 2
+    x, m = ilsgan.load_dataset("dogs", str(r), 8, "test")
+    assert len(x) == 3 and m[:, 0, :, :4].all() and not m[:, 0, :, 4:].any()
+
+
+def test_cub_drc_split_crop_and_mask_threshold(cub):
+    x, m = ilsgan.load_dataset("cub", str(cub), 16, "train")
+    assert len(x) == 1 and m is None  # split 0 only; training needs no segmentations
+    x, m = ilsgan.load_dataset("cub", str(cub), 30, "test")  # split 2: ids 3 and 4
+    assert x.shape == (2, 3, 30, 30)
+    # id 4: box (10,10,40,40) in 64x64 -> r = 30, centre 30 -> crop (0,0,60,60): the box fills 10..50 of 60
+    assert m[1, 0, 15, 15] and not m[1, 0, 2, 2]
+    frac = m[1].float().mean().item()
+    assert frac == pytest.approx((40 / 60) ** 2, abs=0.08)
+
+
+def test_drc_crop_geometry_clips_at_the_border():
+    assert ilsgan.drc_crop(10.0, 10.0, 40.0, 40.0, 64, 64) == (0, 0, 60, 60)
+    assert ilsgan.drc_crop(70.9, 10.0, 29.0, 30.0, 100, 50) == (62, 3, 100, 47)  # r 22, centre (84, 25): clipped, not square
+    assert ilsgan.centre_square(40, 60) == (10, 0, 50, 40)
+
+
+def test_cub_falls_back_to_the_official_split(cub, capsys):
+    (cub / "train_val_test_split.txt").unlink()
+    assert len(ilsgan.load_dataset("cub", str(cub), 8, "train")[0]) == 2
+    assert "train_test_split.txt (official CUB split" in capsys.readouterr().out
+
+
+def test_grayscale_and_rgba_become_rgb(tmp_path):
+    Image.fromarray(np.full((5, 7), 90, np.uint8)).save(tmp_path / "g.png")
+    Image.fromarray(np.full((5, 7, 4), 90, np.uint8)).save(tmp_path / "a.png")
+    assert ilsgan.read_rgb(tmp_path / "g.png").shape == (5, 7, 3)
+    assert ilsgan.read_rgb(tmp_path / "a.png").shape == (5, 7, 3)
+
+
+def test_folder_of_images_with_optional_masks(tmp_path):
+    for i in range(3):
+        save_rgb(tmp_path / "images" / f"sub/{i}.jpg", 40, 30)
+    save_mask(tmp_path / "masks" / "sub/1.png", 40, 30, (5, 5, 35, 25))
+    assert len(ilsgan.load_dataset("folder", str(tmp_path), 8, "train")[0]) == 3
+    x, m = ilsgan.load_dataset("folder", str(tmp_path), 8, "test")
+    assert len(x) == 1 and m.shape == (1, 1, 8, 8)
+
+
+def test_missing_root_names_the_expected_layout(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data_mrcnn_train_select.npy"):
+        ilsgan.load_dataset("cars", str(tmp_path / "nope"), 16, "train")
+
+
+def test_missing_files_are_listed(cars):
+    (cars / "data_mrcnn/train/orig/a2_orig.png").unlink()
+    with pytest.raises(FileNotFoundError, match="a2_orig.png"):
+        ilsgan.load_dataset("cars", str(cars), 16, "train")
+
+
+def test_corrupt_image_names_the_file(cars):
+    (cars / "data_mrcnn/train/orig/a3_orig.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="a3_orig.png"):
+        ilsgan.load_dataset("cars", str(cars), 16, "train")
+
+
+def test_mismatched_text_files_are_reported(cub):
+    (cub / "bounding_boxes.txt").write_text("1 0 0 5 5\n2 0 0 5 5\n3 0 0 5 5\n")
+    with pytest.raises(ValueError, match="same ids"):
+        ilsgan.load_dataset("cub", str(cub), 8, "test")
+    (cub / "bounding_boxes.txt").write_text("1 0 0 5\n")
+    with pytest.raises(ValueError, match="expected 5 columns"):
+        ilsgan.load_dataset("cub", str(cub), 8, "test")
+
+
+def test_bad_token_file_is_reported(cars):
+    np.save(cars / "data_mrcnn_test_select.npy", np.zeros((2, 2)))
+    with pytest.raises(ValueError, match="1-D array"):
+        ilsgan.load_dataset("cars", str(cars), 8, "test")
+
+
+def test_check_data_command(cars):
+    r = subprocess.run([sys.executable, str(ROOT / "ilsgan.py"), "--dataset", "cars", "--data-root", str(cars),
+                        "--resolution", "16", "--check-data"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "train: images (3, 3, 16, 16)" in r.stdout and "test: images (2, 3, 16, 16) uint8, masks" in r.stdout
+    r = subprocess.run([sys.executable, str(ROOT / "ilsgan.py"), "--dataset", "dogs", "--data-root", str(cars),
+                        "--check-data"], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "expected layout" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_real_layout_end_to_end_train_then_score(cars, tmp_path):
+    import unet_eval
+    out = tmp_path / "run"
+    cfg = ilsgan.make_config("tiny", dataset="cars", data_root=str(cars), out=str(out), device="cpu", kimg=0.03)
+    ilsgan.train(cfg)
+    seg = unet_eval.evaluate(unet_eval.EvalConfig(ckpt=str(out), n=32, width=4, iters=5, batch=8, val_every=5,
+                                                  device="cpu"))
+    assert seg["n_test"] == 2 and "all foreground" in seg["baselines"] and "mean training mask" not in seg["baselines"]
