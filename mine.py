@@ -25,8 +25,6 @@ comparable with the paper's, only with each other.
 
 Results are merged into the run's results.json under "mi" (nats).
 """
-import argparse
-import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -36,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import ilsgan
+import unet_eval
 
 
 @dataclass
@@ -141,7 +140,6 @@ def layer_pairs(G, n, res, seed=0):
 
 def evaluate(mc):
     """Estimate all three MIs for one checkpoint; merge them into results.json; return the section."""
-    import unet_eval
     dev = ilsgan.pick_device(mc.device)
     if dev.type == "cpu":
         torch.set_flush_denormal(True)
@@ -163,16 +161,7 @@ def evaluate(mc):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(MineConfig):
-        ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
-    mc = MineConfig(**vars(ap.parse_args(argv)))
-    if not mc.ckpt:
-        ap.error("--ckpt RUN_DIR_OR_CKPT is required")
-    try:
-        section = evaluate(mc)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
+    section = unet_eval.run_cli(MineConfig, __doc__, argv, evaluate)
     for k, v in section["nats"].items():
         print(f"MI {k:16s} {v:7.3f} nats")
 

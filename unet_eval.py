@@ -300,7 +300,7 @@ def evaluate_run(run_dir, budget="auto", mi=True):
     section = None
     if mi:
         import mine
-        section = mine.evaluate(mine.MineConfig(ckpt=str(run_dir), setting=budget if budget != "auto" else "auto"))
+        section = mine.evaluate(mine.MineConfig(ckpt=str(run_dir), setting=budget))
     fid_log = Path(run_dir) / "fid.jsonl"
     fids = [json.loads(line) for line in fid_log.read_text().splitlines()] if fid_log.exists() else []
     print_table(seg, section, min(fids, key=lambda r: r["fid"]) if fids else None)
@@ -308,17 +308,22 @@ def evaluate_run(run_dir, budget="auto", mi=True):
     return seg
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(EvalConfig):
+def run_cli(config_cls, doc, argv, evaluate_fn):
+    """The companion scripts' command line: every config field a flag, --ckpt required, clear errors."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(config_cls):
         ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
-    ec = EvalConfig(**vars(ap.parse_args(argv)))
-    if not ec.ckpt:
+    cfg = config_cls(**vars(ap.parse_args(argv)))
+    if not cfg.ckpt:
         ap.error("--ckpt RUN_DIR_OR_CKPT is required")
     try:
-        print_table(evaluate(ec))
+        return evaluate_fn(cfg)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
+
+
+def main(argv=None):
+    print_table(run_cli(EvalConfig, __doc__, argv, evaluate))
 
 
 if __name__ == "__main__":

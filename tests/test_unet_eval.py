@@ -4,7 +4,6 @@ import json
 import pytest
 import torch
 
-import ilsgan
 import unet_eval
 
 
