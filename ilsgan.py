@@ -1269,12 +1269,18 @@ def benchmark(presets, device="auto", seconds=10.0, **overrides):
         if dev.type == "cuda":
             torch.cuda.synchronize()
         dt = time.time() - t0
-        rows.append((name, cfg.resolution, cfg.batch, steps * cfg.batch / dt, peak_memory_mb(dev)))
+        peak = peak_memory_mb(dev)
+        data = torch.randint(0, 256, (2048, 3, cfg.resolution, cfg.resolution), dtype=torch.uint8, device=dev)
+        fetched, t0 = 0, time.time()  # the training loop's data path: index the decoded uint8 tensor
+        while time.time() - t0 < 0.5:
+            to_float(data[torch.randint(len(data), (cfg.batch,), device=dev)]).sum().item()
+            fetched += cfg.batch
+        rows.append((name, cfg.resolution, cfg.batch, steps * cfg.batch / dt, peak, fetched / (time.time() - t0)))
         del s
     print(f"device: {dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f'{torch.get_num_threads()} threads'})")
-    print(f"{'preset':10s} {'res':>4s} {'batch':>5s} {'img/s':>9s} {'peak MB':>9s}")
+    print(f"{'preset':10s} {'res':>4s} {'batch':>5s} {'train img/s':>11s} {'peak MB':>9s} {'data img/s':>11s}")
     for r in rows:
-        print(f"{r[0]:10s} {r[1]:4d} {r[2]:5d} {r[3]:9.1f} {r[4]:9.0f}")
+        print(f"{r[0]:10s} {r[1]:4d} {r[2]:5d} {r[3]:11.1f} {r[4]:9.0f} {r[5]:11.0f}")
     return rows
 
 

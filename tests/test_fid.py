@@ -48,3 +48,19 @@ def test_inception_features_when_installed():
     f = ilsgan.inception_features(net, x)
     assert f.shape == (6, 2048) and torch.isfinite(f).all()
     torch.testing.assert_close(ilsgan.inception_features(net, ilsgan.to_float(x)), f)  # same from [-1,1] floats
+
+
+def test_fid_at_snapshots_keeps_the_best_checkpoint(tmp_path, monkeypatch):
+    if ilsgan.inception_network("cpu") is None:
+        pytest.skip("optional FID network not installed")
+    import json
+    monkeypatch.setenv("ILSGAN_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    ilsgan.train(ilsgan.make_config("tiny", out=str(out), device="cpu", n_train=16, fid_n=8, kimg=0.1))
+    fids = [json.loads(line) for line in (out / "fid.jsonl").read_text().splitlines()]
+    assert len(fids) >= 2 and all(f["n"] == 8 and f["fid"] > 0 for f in fids)
+    assert (out / "best.pt").exists() and list((tmp_path / "cache").glob("fid-synthetic-16-*.pt"))
+    best = min(fids, key=lambda f: f["fid"])
+    _, ckpt = ilsgan.load_checkpoint(out, best=True)
+    assert ckpt["state"]["nimg"] / 1000 == pytest.approx(best["kimg"])
+    assert ilsgan.find_checkpoint(out).name == "checkpoint.pt"  # resume still takes the latest

@@ -187,3 +187,10 @@ def test_real_layout_end_to_end_train_then_score(cars, tmp_path):
     seg = unet_eval.evaluate(unet_eval.EvalConfig(ckpt=str(out), n=32, width=4, iters=5, batch=8, val_every=5,
                                                   device="cpu"))
     assert seg["n_test"] == 2 and "all foreground" in seg["baselines"] and "mean training mask" not in seg["baselines"]
+
+
+def test_mask_threshold_is_explicit_at_one_half(tmp_path):
+    save_rgb(tmp_path / "images" / "a.png", 8, 8)
+    save_mask(tmp_path / "masks" / "a.png", 8, 8, (2, 0, 6, 8), gray_edge=True)  # col 2 = 100, col 5 = 180
+    _, m = ilsgan.load_dataset("folder", str(tmp_path), 8, "test")
+    assert m[0, 0, :, 2].sum() == 0 and m[0, 0, :, 5].all() and m[0, 0, :, 3:5].all() and not m[0, 0, :, :2].any()

@@ -113,5 +113,5 @@ def test_importing_writes_nothing(tmp_path):
 
 def test_benchmark_prints_throughput_and_memory(capsys):
     rows = ilsgan.benchmark(["tiny"], device="cpu", seconds=0.5)
-    assert rows[0][0] == "tiny" and rows[0][3] > 0 and rows[0][4] > 0
+    assert rows[0][0] == "tiny" and rows[0][3] > 0 and rows[0][4] > 0 and rows[0][5] > rows[0][3]
     assert "img/s" in capsys.readouterr().out

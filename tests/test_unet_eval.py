@@ -66,3 +66,11 @@ def test_128px_runs_segment_at_64_and_upsample_logits():
     net = unet_eval.UNet(4)
     pred = unet_eval.predict(net, torch.randn(3, 3, 64, 64), out_res=128)
     assert pred.shape == (3, 128, 128) and pred.dtype == torch.bool
+
+
+def test_oracle_trains_on_real_masks_and_is_labelled(tiny_run):
+    out, _ = tiny_run
+    seg = unet_eval.evaluate(unet_eval.EvalConfig(ckpt=str(out), n=64, width=4, iters=25, batch=16, val_every=25,
+                                                  device="cpu", oracle=True))
+    assert seg["protocol"].startswith("ORACLE") and (out / "oracle.png").exists()
+    assert json.loads((out / "results.json").read_text())["oracle"]["test"] == seg["test"]
