@@ -286,8 +286,8 @@ def evaluate(ec):
     return out
 
 
-def print_table(seg, mi=None, fid=None):
-    """The closing table of the main job."""
+def print_table(seg, mi=None, fid=None, closing=False):
+    """The segmentation table; closing=True (the main job) adds the MI and FID lines."""
     print(f"\n{'on the ' + str(seg['n_test']) + ' test images':34s} {'IoU':>6s} {'DICE':>6s}")
     name = "ORACLE: U-Net on real masks" if seg["protocol"].startswith("ORACLE") else "ILSGAN -> U-Net (per image)"
     print(f"{name:34s} {seg['test']['iou']:6.3f} {seg['test']['dice']:6.3f}")
@@ -301,8 +301,9 @@ def print_table(seg, mi=None, fid=None):
         n = mi["nats"]
         print(f"MI (MINE, nats): visible fg ; hidden bg {n['vis_fg;inv_bg']:.3f}, visible bg ; hidden fg "
               f"{n['vis_bg;inv_fg']:.3f}, sum {n['sum (Eq. 11)']:.3f}, whole layers {n['whole f;b']:.3f}")
-    print(f"FID: {fid['fid']:.2f} at {fid['kimg']:.0f} kimg ({fid['n']} samples, the best snapshot)" if fid else
-          "FID: off for this run (--fid-n N at training time computes it at every snapshot)")
+    if closing:
+        print(f"FID: {fid['fid']:.2f} at {fid['kimg']:.0f} kimg ({fid['n']} samples, the best snapshot)" if fid else
+              "FID: off for this run (--fid-n N at training time computes it at every snapshot)")
 
 
 def evaluate_run(run_dir, budget="auto", mi=True):
@@ -314,7 +315,7 @@ def evaluate_run(run_dir, budget="auto", mi=True):
         section = mine.evaluate(mine.MineConfig(ckpt=str(run_dir), setting=budget))
     fid_log = Path(run_dir) / "fid.jsonl"
     fids = [json.loads(line) for line in fid_log.read_text().splitlines()] if fid_log.exists() else []
-    print_table(seg, section, min(fids, key=lambda r: r["fid"]) if fids else None)
+    print_table(seg, section, min(fids, key=lambda r: r["fid"]) if fids else None, closing=True)
     print(f"results: {Path(run_dir) / 'results.json'}, picture: {Path(run_dir) / 'segmentation.png'}")
     return seg
 
