@@ -140,13 +140,7 @@ def layer_pairs(G, n, res, seed=0):
 
 def evaluate(mc):
     """Estimate all three MIs for one checkpoint; merge them into results.json; return the section."""
-    dev = ilsgan.pick_device(mc.device)
-    if dev.type == "cpu":
-        torch.set_flush_denormal(True)
-    setting = mc.setting if mc.setting != "auto" else ("cpu" if dev.type == "cpu" else "official")
-    for k, v in SETTINGS[setting].items():
-        if getattr(mc, k) == getattr(MineConfig, k):
-            setattr(mc, k, v)
+    dev, setting = unet_eval.prepare(mc, SETTINGS, mc.setting)
     ckpt_path = ilsgan.find_checkpoint(mc.ckpt, best=True)  # official: the lowest-FID snapshot if any
     _, G = ilsgan.load_generator(ckpt_path, dev)
     t0, out = time.time(), {}

@@ -240,15 +240,22 @@ def merge_results(run_dir, section, values):
     return results
 
 
-def evaluate(ec):
-    """The whole protocol for one checkpoint; returns the 'segmentation' section of results.json."""
-    dev = ilsgan.pick_device(ec.device)
+def prepare(cfg, budgets, name):
+    """Shared start of the companion scripts: the device, the denormal flush on CPU, and the named
+    budget ('auto': cpu on a CPU, official on a GPU) filling every field still at its default."""
+    dev = ilsgan.pick_device(cfg.device)
     if dev.type == "cpu":
         torch.set_flush_denormal(True)
-    budget = ec.budget if ec.budget != "auto" else ("cpu" if dev.type == "cpu" else "official")
-    for k, v in BUDGETS[budget].items():
-        if getattr(ec, k) == getattr(EvalConfig, k):  # budget fills only what was not set
-            setattr(ec, k, v)
+    name = name if name != "auto" else ("cpu" if dev.type == "cpu" else "official")
+    for k, v in budgets[name].items():
+        if getattr(cfg, k) == getattr(type(cfg), k):
+            setattr(cfg, k, v)
+    return dev, name
+
+
+def evaluate(ec):
+    """The whole protocol for one checkpoint; returns the 'segmentation' section of results.json."""
+    dev, budget = prepare(ec, BUDGETS, ec.budget)
     ckpt_path = ilsgan.find_checkpoint(ec.ckpt, best=True)  # official: the lowest-FID snapshot if any
     cfg, G = ilsgan.load_generator(ckpt_path, dev)
     dataset, root = ec.dataset or cfg.dataset, ec.data_root or cfg.data_root
