@@ -8,7 +8,7 @@ The model in five lines:
     f, m = G_f(z), G_m(z);  b = G_b(z)         foreground RGB, mask in [0,1], background RGB
     x = m*f + (1-m)*b                          Eq. (1), the composite; D only ever sees x
     x' = T(m)*T(f) + (1-T(m))*b                Eq. (3), T shifts f and m together, during training
-    L_G = adv + 2 L_m + 2 L_b + lambda_ils * I_CLUB(b_inv; f_vis) + I_CLUB(f_inv; b_vis)   Eq. (5), (12)
+    L_G = adv + 2 L_m + 2 L_b + lambda_ils * (I_CLUB(b_inv; f_vis) + I_CLUB(f_inv; b_vis))   Eq. (5), (12)
 Trained on unlabelled photos only, the mask m becomes a segmenter (see unet_eval.py).
 
 Three commands:
@@ -19,9 +19,9 @@ Three commands:
 Contents (the banners below, in order):
     1. Config and presets               6. ADA-lite (differentiable augmentation)
     2. Building blocks (equalised lr)   7. Losses: Eq. (2), (4), (8)-(13), R1
-    3. Generator, Eq. (1)               8. Data: the synthetic benchmark and image folders
+    3. Generator, Eq. (1)               8. Data: the synthetic benchmark and real layouts
     4. Perturbed composition, Eq. (3)   9. Training loop, Eq. (5), collapse watch, checkpoints
-    5. Discriminator                   10. Sampling, benchmark, main()
+    5. Discriminator                   10. Sampling, FID, benchmark, main()
 
 Left out on purpose (and why):
     - custom CUDA ops (bias_act, upfirdn2d): plain PyTorch runs everywhere; resampling is bilinear.
@@ -31,13 +31,14 @@ Left out on purpose (and why):
     - the learned-q (neural Laplace/Gaussian, PixelCNN++) ablations of the official code.
 
 Differences from the official code (qrzou/ILSGAN, a stylegan2-ada-pytorch fork):
-    - networks.py: modulated convs use bilinear up/down-sampling instead of the [1,3,3,1] FIR filter.
+    - networks.py: G upsamples bilinearly and D downsamples with a 2x2 box filter, instead of the
+      [1,3,3,1] FIR filter; the modulated conv is the same (grouped conv, or its unfused twin).
     - augment.py: all geometric ops of the 'bgc' pipe are folded into one affine grid_sample with
       reflection padding (stock: integer blits + 2x upsampled FIR resampling). Same ops, same p.
     - training_loop_ILS.py: the ILS warm-up (0.2 until 400 of 8000 kimg) is expressed as a fraction
       of the run (5%) so that short presets leave it too; identical for 8000 kimg.
-    - dataset.py: images are held in memory as one uint8 tensor; the real-data loaders (DRC
-      Cars/Dogs/CUB layouts) are not part of this version yet.
+    - dataset.py: images are decoded once into one uint8 tensor in memory; cars/dogs load as RGB
+      (--bgr reproduces the official cv2 order); a bad file is an error, never a silent item 0.
     - our own additions, all switches and marked `# ours:`: an upper mask-area hinge and a border
       prior for the small CPU preset, and a collapse watch that names known failures in the log.
 
@@ -584,7 +585,7 @@ def ils_weight(kimg, cfg):
 
 
 # ----------------------------------------------------------------------------------------------
-# 8. Data: the embedded synthetic benchmark, and a loader interface for real datasets
+# 8. Data: the embedded synthetic benchmark, and the real layouts (DRC cars/dogs, CUB, folder)
 # ----------------------------------------------------------------------------------------------
 
 # Colours shared by objects and backgrounds, so colour alone never tells them apart.
@@ -1129,7 +1130,7 @@ def train(cfg, resume=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# 10. Sampling, benchmark, main()
+# 10. Sampling, FID, benchmark, main()
 # ----------------------------------------------------------------------------------------------
 
 
