@@ -50,6 +50,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -1045,6 +1046,12 @@ def find_checkpoint(path, best=False):
     return p
 
 
+def read_fid_log(run_dir):
+    """The run's fid.jsonl as a list of {kimg, fid, n} records (empty if FID was off)."""
+    path = Path(run_dir) / "fid.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
 def load_checkpoint(path, device="cpu", best=False):
     """-> (cfg, checkpoint dict). Loads with weights_only=True: tensors and plain Python only."""
     ckpt = torch.load(find_checkpoint(path, best), map_location=device, weights_only=True)
@@ -1089,7 +1096,7 @@ def train(cfg, resume=None):
     fid_net = inception_network(dev) if cfg.fid_n > 0 else None  # official: FID at every snapshot
     if fid_net is not None:
         real_stats = real_fid_stats(fid_net, data, cfg)
-        fids = [json.loads(l)["fid"] for l in open(out / "fid.jsonl")] if (out / "fid.jsonl").exists() else []
+        fids = [r["fid"] for r in read_fid_log(out)]
     total, B = int(cfg.kimg * 1000), cfg.batch
     log_n, snap_n = max(int(cfg.log_kimg * 1000), 1), max(int(cfg.snap_kimg * 1000), 1)
     acc, t0, n0 = {}, time.time(), s.nimg
@@ -1122,8 +1129,9 @@ def train(cfg, resume=None):
                 fids.append(fid(fid_net, s.G_ema, real_stats, cfg.fid_n))
                 with open(out / "fid.jsonl", "a") as fh:
                     fh.write(json.dumps(dict(kimg=s.nimg / 1000, fid=fids[-1], n=cfg.fid_n)) + "\n")
-                if fids[-1] == min(fids):
-                    save_checkpoint(out / "best.pt", s, cfg)
+                if fids[-1] == min(fids):  # the checkpoint just written, copied atomically
+                    shutil.copyfile(out / "checkpoint.pt", out / "best.pt.tmp")
+                    os.replace(out / "best.pt.tmp", out / "best.pt")
                 bar.write(f"kimg {s.nimg / 1000:.1f}: FID {fids[-1]:.2f} (best {min(fids):.2f})")
     bar.close()
     return out

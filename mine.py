@@ -31,7 +31,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import ilsgan
 import unet_eval
@@ -76,10 +75,14 @@ def dv_bound(t_joint, t_marginal):
     return t_joint.mean() - (torch.logsumexp(t_marginal, 0) - math.log(t_marginal.numel()))
 
 
+def shuffled(y):
+    """Samples of the marginal: y re-drawn from the batch with replacement (official torch.randint)."""
+    return y[torch.randint(len(y), (len(y),), device=y.device)]
+
+
 def mine_step(T, x, y, ma, ma_rate):
     """One loss for T on a batch; returns (loss to minimise, DV bound, new moving average)."""
-    y_marg = y[torch.randint(len(y), (len(y),), device=y.device)]  # official: with replacement
-    t_joint, t_marg = T(x, y), T(x, y_marg)
+    t_joint, t_marg = T(x, y), T(x, shuffled(y))
     bound = dv_bound(t_joint, t_marg)
     if ma_rate <= 0:
         return -bound, bound, ma
@@ -96,7 +99,7 @@ def evaluate_bound(T, x, y, batch=128):
     perm, bounds = torch.randperm(len(x), device=x.device), []
     for i in range(0, len(x), batch):
         xb, yb = x[perm[i:i + batch]], y[perm[i:i + batch]]
-        bounds.append(dv_bound(T(xb, yb), T(xb, yb[torch.randint(len(yb), (len(yb),), device=yb.device)])).item())
+        bounds.append(dv_bound(T(xb, yb), T(xb, shuffled(yb))).item())
     T.train()
     return sum(bounds) / len(bounds)
 
@@ -132,9 +135,8 @@ def layer_pairs(G, n, res, seed=0):
     f, b, m = [], [], []
     for s in ilsgan.sample(G, n, 256, seed):
         for lst, v in ((f, s["f"]), (b, s["b"]), (m, s["m"])):
-            lst.append(F.interpolate(v, size=(res, res), mode="bilinear", align_corners=False, antialias=True)
-                       if v.shape[-1] != res else v)
-    f, b, m = (torch.cat(v).clamp(-1, 1) if i < 2 else torch.cat(v) for i, v in enumerate((f, b, m)))
+            lst.append(unet_eval.resize_images(v, res))
+    f, b, m = torch.cat(f).clamp(-1, 1), torch.cat(b).clamp(-1, 1), torch.cat(m)
     return {"vis_fg;inv_bg": (f * m, b * m), "vis_bg;inv_fg": (b * (1 - m), f * (1 - m)), "whole f;b": (f, b)}
 
 

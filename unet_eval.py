@@ -320,8 +320,7 @@ def evaluate_run(run_dir, budget="auto", mi=True):
     if mi:
         import mine
         section = mine.evaluate(mine.MineConfig(ckpt=str(run_dir), setting=budget))
-    fid_log = Path(run_dir) / "fid.jsonl"
-    fids = [json.loads(line) for line in fid_log.read_text().splitlines()] if fid_log.exists() else []
+    fids = ilsgan.read_fid_log(run_dir)
     print_table(seg, section, min(fids, key=lambda r: r["fid"]) if fids else None, closing=True)
     print(f"results: {Path(run_dir) / 'results.json'}, picture: {Path(run_dir) / 'segmentation.png'}")
     return seg
