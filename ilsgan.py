@@ -21,7 +21,7 @@ Contents (the banners below, in order):
     2. Building blocks (equalised lr)   7. Losses: Eq. (2), (4), (8)-(13), R1
     3. Generator, Eq. (1)               8. Data: the synthetic benchmark and real layouts
     4. Perturbed composition, Eq. (3)   9. Training loop, Eq. (5), collapse watch, checkpoints
-    5. Discriminator                   10. Sampling, FID, benchmark, main()
+    5. Discriminator                   10. Sampling, FID, main()
 
 Left out on purpose (and why):
     - custom CUDA ops (bias_act, upfirdn2d): plain PyTorch runs everywhere; resampling is bilinear.
@@ -39,8 +39,9 @@ Differences from the official code (qrzou/ILSGAN, a stylegan2-ada-pytorch fork):
       of the run (5%) so that short presets leave it too; identical for 8000 kimg.
     - dataset.py: images are decoded once into one uint8 tensor in memory; cars/dogs load as RGB
       (--bgr reproduces the official cv2 order); a bad file is an error, never a silent item 0.
-    - our own additions, all switches and marked `# ours:`: an upper mask-area hinge and a border
-      prior for the small CPU preset, and a collapse watch that names known failures in the log.
+    - our own additions, all switches and marked `# ours:`: for the small CPU preset an upper
+      mask-area hinge, a border prior and a mask-spread hinge (and lambda_m = 4), plus a collapse
+      watch that names known failures in the log.
 
 Size budget: about 1,100 lines of code, comments and docstrings not counted.
 """
@@ -58,6 +59,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -99,7 +101,7 @@ class Config:
     # --- layered GAN (Eq. 3, 4)
     shift: float = 0.125  # T: max integer shift of f and m as a fraction of the width
     eta: float = 0.25  # Eq. (4): minimal mask area
-    lambda_m: float = 2.0  # weight of the mask-area hinge L_m
+    lambda_m: float = 2.0  # weight of the mask-area hinge L_m (and of our mask guards below)
     lambda_b: float = 2.0  # weight of the binarisation loss L_b
     # --- ILS (Eq. 8-13)
     ils: str = "mi"  # mi (Eq. 12) | l1 (Eq. 13) | none
@@ -113,6 +115,7 @@ class Config:
     # --- ours: guards against known failures of small runs (0 = off, the paper's setting)
     mask_max: float = 0.0  # upper hinge on the mask area: relu(mean(m) - mask_max)
     lambda_border: float = 0.0  # border prior: penalise mask mass in a band along the image border
+    mask_spread: float = 0.0  # hinge on the mask's spread over z: relu(mask_spread - mean over pixels of std_z m)
     # --- run
     out: str = "runs/ilsgan"  # run folder: config.json, stats.jsonl, checkpoint.pt, grids
     seed: int = 0
@@ -134,7 +137,8 @@ PRESETS = {
     # the default demo: the best masks a 2-core CPU reaches in about 15 minutes
     "cpu": dict(resolution=32, z_dim=128, w_dim=128, map_layers=4, channel_base=1024,
                 channel_max=64, batch=32, kimg=50, log_kimg=1, snap_kimg=10, ema_kimg=2,
-                ada_kimg=100, mask_max=0.6, lambda_border=0.5, eval_budget="cpu"),
+                ada_kimg=100, lambda_m=4.0, mask_max=0.6, lambda_border=0.5, mask_spread=0.2,
+                eval_budget="cpu"),
     # the official settings for one GPU
     "paper64": dict(resolution=64, kimg=8000, log_kimg=20, snap_kimg=200, fid_n=10000),
     "paper128": dict(resolution=128, kimg=8000, log_kimg=20, snap_kimg=200, fid_n=10000),
@@ -524,6 +528,11 @@ def binarization_loss(m):
     return torch.minimum(m, 1 - m).mean()
 
 
+def mask_spread_loss(m, target):
+    """ours: relu(target - mean over pixels of the std of m over the batch); against one mask for all z."""
+    return F.relu(target - m.std(0).mean())
+
+
 def border_loss(m, width):
     """ours: mean mask value in a band of `width` pixels along the border (objects are centred)."""
     band = torch.ones_like(m[:1, :1])
@@ -636,23 +645,26 @@ def _render_synthetic(B, S, g):
     ], dim=1).gather(1, kind[:, None, None, None].expand(-1, 1, S, S))[:, 0]
     R = (4 * A / math.pi).sqrt()[:, None, None]
     obj = (r < R * rho).float()[:, None]  # [B,1,S,S]
+    # its texture: one colour and a slightly darker shade of it in one of four patterns, lit from one side
     tex_kind, freq = torch.randint(4, (B,), generator=g), U(B, lo=2.5, hi=4.5)  # periods of 5-10 px at 32 px
-    f1, f2 = colour(), colour()
+    f1 = colour()
+    f2 = f1 * U(B, 1, lo=0.75, hi=0.9)
     fg = _texture(u / R, v / R, tex_kind, freq * R[:, 0, 0], f1, f2)
-    fg = fg * (1 - 0.25 * (u / R).clamp(-1, 1)[:, None])  # a little light from one side
-    # background: two colours mixed by low-frequency waves, plus clutter ellipses
+    fg = fg * (1 - 0.25 * (u / R).clamp(-1, 1)[:, None])
+    # background, out of focus: two colours mixed by low-frequency waves, plus soft-edged clutter blobs
     b1, b2 = colour(), colour()
-    waves = sum(torch.sin(U(B, lo=1, hi=4)[:, None, None] * (xx * kx + yy * (1 - kx)) * math.pi
+    waves = sum(torch.sin(U(B, lo=1, hi=3)[:, None, None] * (xx * kx + yy * (1 - kx)) * math.pi
                           + U(B, hi=6.3)[:, None, None])
                 for kx in (1.0, 0.0, 0.5))
-    t = torch.sigmoid(2 * waves)[:, None]
+    t = torch.sigmoid(1.5 * waves)[:, None]
     img = b1[:, :, None, None] * t + b2[:, :, None, None] * (1 - t)
     for _ in range(3):
         ex, ey = U(B, lo=-1, hi=1)[:, None, None], U(B, lo=-1, hi=1)[:, None, None]
-        rx, ry = U(B, lo=0.08, hi=0.3)[:, None, None], U(B, lo=0.08, hi=0.3)[:, None, None]
-        inside = (((xx - ex) / rx).square() + ((yy - ey) / ry).square() < 1).float()[:, None]
+        rx, ry = U(B, lo=0.15, hi=0.4)[:, None, None], U(B, lo=0.15, hi=0.4)[:, None, None]
+        d = (((xx - ex) / rx).square() + ((yy - ey) / ry).square()).sqrt()
+        inside = torch.sigmoid((1 - d) / 0.2)[:, None]  # blurred edge
         img = img * (1 - inside) + colour()[:, :, None, None] * inside
-    # leakage: distractor patches near the border that copy the object's texture and colours
+    # leakage: sharp distractor patches near the border that copy the object's texture and colours
     for _ in range(2):
         on = (U(B) < 0.35).float()[:, None, None, None]
         px = U(B, lo=0.55, hi=0.85) * torch.where(U(B) < 0.5, -1.0, 1.0)
@@ -670,15 +682,16 @@ def make_synthetic(n, res, seed):
     """The embedded benchmark: n images [n,3,res,res] uint8 and masks [n,1,res,res] bool.
 
     Deterministic in (n, res, seed). Rendered at 2x and box-filtered (anti-aliased edges); the mask
-    is object coverage >= 0.5. One centred object (15-45% of the area nominally) with its own shape,
-    texture family and colours, over wave-and-ellipse clutter in the same palette, with distractor
-    patches that copy the object's texture and colours: the leakage ILS is meant to fight.
+    is object coverage >= 0.5. One centred, sharp-edged object (15-50% of the area) with its own
+    shape, colour and texture family, over an out-of-focus background of waves and blobs in the same
+    palette, with sharp distractor patches that copy the object's texture and colours: the leakage
+    ILS is meant to fight.
     """
     g = torch.Generator().manual_seed(seed)
     xs, ms = [], []
     for i in range(0, n, 256):
         img, obj = _render_synthetic(min(256, n - i), 2 * res, g)
-        img = F.avg_pool2d(img, 2) + 0.02 * torch.randn(img.shape[0], 3, res, res, generator=g)
+        img = F.avg_pool2d(img, 2) + 0.01 * torch.randn(img.shape[0], 3, res, res, generator=g)
         xs.append((img.clamp(0, 1) * 255).round().to(torch.uint8))
         ms.append(F.avg_pool2d(obj, 2) >= 0.5)
     return torch.cat(xs), torch.cat(ms)
@@ -885,6 +898,44 @@ def pick_device(name):
     return torch.device(name)
 
 
+# --- several processes: `torchrun --nproc_per_node N ilsgan.py ...` (data parallel, as StyleGAN2-ADA:
+# every process holds the same networks, draws batch / N of its own images and latents, and the
+# gradients are averaged before every optimiser step; process 0 logs and writes the run folder)
+
+def world():
+    """(rank, number of processes); (0, 1) without torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+
+def init_processes(cfg):
+    """Join torchrun's process group when launched by it (one GPU per process, or gloo on CPUs). -> device"""
+    dev = pick_device(cfg.device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if dev.type == "cuda":
+            dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(dev)
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        if cfg.batch % dist.get_world_size():
+            raise ValueError(f"--batch {cfg.batch} is not divisible by {dist.get_world_size()} processes")
+    return dev
+
+
+def all_mean(t):
+    """Average a tensor over processes in place (identity in one process)."""
+    n = world()[1]
+    if n > 1:
+        dist.all_reduce(t)
+        t /= n
+    return t
+
+
+def check_finite(loss, name, step):
+    """Stop every process at once when any of them meets a non-finite loss."""
+    ok = all_mean(torch.isfinite(loss.detach()).float().reshape(1))
+    if ok.item() < 1:
+        raise NonFiniteLoss(f"{name} loss is {loss.item()} at step {step}")
+
+
 class State:
     """Everything training changes: networks, optimisers, ADA p, progress. Saved whole."""
 
@@ -917,8 +968,16 @@ class State:
 
 
 def _step(opt, loss, params):
+    params = list(params)
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    if world()[1] > 1:  # one all-reduce of all gradients, flattened
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = all_mean(torch.cat([p.grad.flatten() for p in params]))
+        for p, g in zip(params, flat.split([p.numel() for p in params])):
+            p.grad.copy_(g.view_as(p))
     for p in params:  # official: nan_to_num on gradients before every step
         if p.grad is not None:
             torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
@@ -935,6 +994,7 @@ def watch_stats(m, x_fake, x_real):
                 mask_binary=torch.minimum(m, 1 - m).mean().item(),  # 0 = perfectly binary
                 mask_border=(m[:, 0] * band).sum().item() / (band.sum().item() * m.shape[0]),
                 mask_centre=m[..., q:-q, q:-q].mean().item(),
+                mask_spread=m.std(0).mean().item(),  # 0 = the same mask for every z
                 diversity=(x_fake.std(0).mean() / x_real.std(0).mean().clamp(min=1e-8)).item())
 
 
@@ -947,6 +1007,8 @@ def collapse_flags(st):
         flags.append("mask-empty")
     if st["diversity"] < 0.3:
         flags.append("mode-collapse")
+    if 0.03 <= st["mask_area"] and st["mask_spread"] < 0.1:  # synthetic ground truth: ~0.31
+        flags.append("mask-fixed")
     if st["mask_area"] >= 0.03 and st["mask_border"] > st["mask_centre"] + 0.1:  # mask hugs the border
         flags.append("swapped")
     return flags
@@ -955,6 +1017,7 @@ def collapse_flags(st):
 def train_step(s, x_real, cfg):
     """One iteration: G step, D step, lazy R1, EMA, ADA. x_real [B,3,H,W] in [-1,1]. -> stats."""
     B, res, dev = x_real.shape[0], cfg.resolution, x_real.device
+    B_all = B * world()[1]  # images in this step over all processes
     if cfg.channels_last:
         x_real = x_real.contiguous(memory_format=torch.channels_last)
 
@@ -975,10 +1038,11 @@ def train_step(s, x_real, cfg):
     loss_G = loss_adv + cfg.lambda_m * loss_m + cfg.lambda_b * loss_b + w_ils * loss_ils
     if cfg.mask_max > 0:  # ours
         loss_G = loss_G + cfg.lambda_m * mask_area_upper_loss(m_s, cfg.mask_max)
+    if cfg.mask_spread > 0:  # ours
+        loss_G = loss_G + cfg.lambda_m * mask_spread_loss(m, cfg.mask_spread)
     if cfg.lambda_border > 0:  # ours
         loss_G = loss_G + cfg.lambda_border * border_loss(m, max(res // 8, 1))
-    if not torch.isfinite(loss_G):
-        raise NonFiniteLoss(f"G loss is {loss_G.item()} at step {s.step}")
+    check_finite(loss_G, "G", s.step)
     _step(s.opt_G, loss_G, s.G.parameters())
     stats = watch_stats(m.detach(), x_fake.detach(), x_real)
 
@@ -990,8 +1054,7 @@ def train_step(s, x_real, cfg):
         x_fake, _, _ = perturbed_composite(f, b, m, *random_shifts(B, res, cfg.shift, dev))
     d_fake, d_real = s.D(augment(x_fake, s.ada_p)), s.D(augment(x_real, s.ada_p))
     loss_D = d_adversarial_loss(d_real, d_fake)
-    if not torch.isfinite(loss_D):
-        raise NonFiniteLoss(f"D loss is {loss_D.item()} at step {s.step}")
+    check_finite(loss_D, "D", s.step)
     _step(s.opt_D, loss_D, s.D.parameters())
     signs = [d_real.detach().sign()]
 
@@ -1006,17 +1069,18 @@ def train_step(s, x_real, cfg):
 
     # G_ema: half-life ema_kimg, ramped up with the images seen so far
     ema_nimg = min(cfg.ema_kimg * 1000, s.nimg * cfg.ema_rampup)
-    beta = 0.5 ** (B / max(ema_nimg, 1e-8))
+    beta = 0.5 ** (B_all / max(ema_nimg, 1e-8))
     with torch.no_grad():
         for p_ema, p in zip(s.G_ema.parameters(), s.G.parameters()):
             p_ema.copy_(p.lerp(p_ema, beta))
-    s.nimg, s.step = s.nimg + B, s.step + 1
+    s.nimg, s.step = s.nimg + B_all, s.step + 1
 
     # ADA: p follows r_t = E[sign(D(x_real))] toward the target
     signs = torch.cat(signs)
     s.ada_sum, s.ada_n = s.ada_sum + signs.sum().item(), s.ada_n + signs.numel()
     if cfg.augment and s.step % cfg.ada_interval == 0:
-        s.ada_p = ada_adjust(s.ada_p, s.ada_sum / s.ada_n, cfg.ada_target, B, cfg.ada_interval, cfg.ada_kimg)
+        r_sum, r_n = all_mean(torch.tensor([s.ada_sum, s.ada_n], dtype=torch.float64, device=dev)).tolist()
+        s.ada_p = ada_adjust(s.ada_p, r_sum / r_n, cfg.ada_target, B_all, cfg.ada_interval, cfg.ada_kimg)
         s.ada_sum, s.ada_n = 0.0, 0
 
     stats.update(loss_G=loss_G.item(), loss_adv=loss_adv.item(), loss_m=loss_m.item(), loss_b=loss_b.item(),
@@ -1072,7 +1136,8 @@ def save_grid(G, z, path):
 def train(cfg, resume=None):
     """Train (or resume) a run; returns the run folder."""
     from tqdm import tqdm
-    dev = pick_device(cfg.device)
+    dev = init_processes(cfg)
+    rank, n_proc = world()
     if dev.type == "cpu":
         torch.set_flush_denormal(True)  # denormals slow CPU training ~2x late in training
     if dev.type == "cuda" and cfg.tf32:
@@ -1088,21 +1153,27 @@ def train(cfg, resume=None):
         if dev.type == "cuda" and resume["rng_cuda"]:
             torch.cuda.set_rng_state_all(resume["rng_cuda"])
         print(f"resumed at {s.nimg / 1000:.1f} kimg (ada p {s.ada_p:.3f})")
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    if rank > 0:  # same networks everywhere, but each process its own images, latents and noise
+        torch.manual_seed(cfg.seed + 7919 * rank + s.step)
+    log = rank == 0  # process 0 alone writes the run folder
     n_g, n_d = (sum(p.numel() for p in net.parameters()) for net in (s.G, s.D))
-    print(f"G {n_g / 1e6:.2f} M parameters (fg + bg), D {n_d / 1e6:.2f} M | {len(data)} training images "
-          f"at {cfg.resolution}px | device {dev} | run folder {out}")
+    if log:
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        print(f"G {n_g / 1e6:.2f} M parameters (fg + bg), D {n_d / 1e6:.2f} M | {len(data)} training images "
+              f"at {cfg.resolution}px | device {dev}" + (f" x {n_proc} processes" if n_proc > 1 else "")
+              + f" | run folder {out}")
     grid_z = torch.randn(8, cfg.z_dim, generator=torch.Generator().manual_seed(cfg.seed)).to(dev)
-    fid_net = inception_network(dev) if cfg.fid_n > 0 else None  # official: FID at every snapshot
+    fid_net = inception_network(dev) if cfg.fid_n > 0 and log else None  # official: FID at every snapshot
     if fid_net is not None:
         real_stats = real_fid_stats(fid_net, data, cfg)
         fids = [r["fid"] for r in read_fid_log(out)]
-    total, B = int(cfg.kimg * 1000), cfg.batch
+    total, B = int(cfg.kimg * 1000), cfg.batch  # B: images per step over all processes
     log_n, snap_n = max(int(cfg.log_kimg * 1000), 1), max(int(cfg.snap_kimg * 1000), 1)
     acc, t0, n0 = {}, time.time(), s.nimg
-    bar = tqdm(total=total, initial=min(s.nimg, total), unit="img", unit_scale=True, dynamic_ncols=True)
+    bar = tqdm(total=total, initial=min(s.nimg, total), unit="img", unit_scale=True, dynamic_ncols=True,
+               disable=not log)
     while s.nimg < total:
-        x_real = to_float(data[torch.randint(len(data), (B,), device=dev)])
+        x_real = to_float(data[torch.randint(len(data), (B // n_proc,), device=dev)])
         try:
             st = train_step(s, x_real, cfg)
         except NonFiniteLoss as e:
@@ -1112,7 +1183,7 @@ def train(cfg, resume=None):
         for k, v in st.items():
             acc.setdefault(k, []).append(v)
         done = s.nimg >= total
-        if done or s.nimg // log_n > (s.nimg - B) // log_n:
+        if log and (done or s.nimg // log_n > (s.nimg - B) // log_n):
             rec = {k: float(np.mean(v)) for k, v in acc.items()}
             rec.update(kimg=s.nimg / 1000, step=s.step, sec=time.time() - t0, kimg_per_s=(s.nimg - n0) / 1000 / (time.time() - t0),
                        flags=collapse_flags(rec))
@@ -1122,7 +1193,7 @@ def train(cfg, resume=None):
                                 f"p {s.ada_p:.2f} area {rec['mask_area']:.2f} bin {rec['mask_binary']:.2f} "
                                 + (" ".join(f"!{fl}" for fl in rec["flags"]) or "ok"))
             acc = {}
-        if done or s.nimg // snap_n > (s.nimg - B) // snap_n:
+        if log and (done or s.nimg // snap_n > (s.nimg - B) // snap_n):
             save_grid(s.G_ema, grid_z, out / f"grid-{s.nimg / 1000:09.3f}kimg.png")
             save_checkpoint(out / "checkpoint.pt", s, cfg)
             if fid_net is not None:  # official: the lowest-FID snapshot is the run's result
@@ -1134,11 +1205,15 @@ def train(cfg, resume=None):
                     os.replace(out / "best.pt.tmp", out / "best.pt")
                 bar.write(f"kimg {s.nimg / 1000:.1f}: FID {fids[-1]:.2f} (best {min(fids):.2f})")
     bar.close()
+    if n_proc > 1:  # the processes must have stayed in step: compare a checksum of G
+        total_sum = sum(p.double().sum() for p in s.G.parameters()).reshape(1)
+        if (all_mean(total_sum.clone()) - total_sum).abs().item() > 1e-6 * total_sum.abs().item():
+            raise RuntimeError("processes diverged: their generators differ")
     return out
 
 
 # ----------------------------------------------------------------------------------------------
-# 10. Sampling, FID, benchmark, main()
+# 10. Sampling, FID, main()
 # ----------------------------------------------------------------------------------------------
 
 
@@ -1237,62 +1312,6 @@ def real_fid_stats(net, data, cfg):
     return stats
 
 
-def peak_memory_reset(dev):
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    elif os.path.exists("/proc/self/clear_refs"):
-        with open("/proc/self/clear_refs", "w") as fh:  # Linux: reset the peak RSS (VmHWM)
-            fh.write("5")
-
-
-def peak_memory_mb(dev):
-    if dev.type == "cuda":
-        return torch.cuda.max_memory_allocated(dev) / 2**20
-    import resource  # Linux reports ru_maxrss in KiB; VmHWM honours the reset above
-    try:
-        return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def benchmark(presets, device="auto", seconds=10.0, **overrides):
-    """Training throughput (img/s) and peak memory per preset, on random data, printed as a table."""
-    dev = pick_device(device)
-    if dev.type == "cpu":
-        torch.set_flush_denormal(True)
-    rows = []
-    for name in presets:
-        cfg = make_config(name, **overrides)
-        import gc
-        gc.collect()
-        peak_memory_reset(dev)
-        s = State(cfg, dev)
-        s.ada_p = 0.2  # time the augmentation too
-        x = torch.rand(cfg.batch, 3, cfg.resolution, cfg.resolution, device=dev) * 2 - 1
-        for _ in range(3):  # warm-up (includes one R1 step)
-            train_step(s, x, cfg)
-        steps, t0 = 0, time.time()
-        while time.time() - t0 < seconds or steps < 2:
-            train_step(s, x, cfg)
-            steps += 1
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.time() - t0
-        peak = peak_memory_mb(dev)
-        data = torch.randint(0, 256, (2048, 3, cfg.resolution, cfg.resolution), dtype=torch.uint8, device=dev)
-        fetched, t0 = 0, time.time()  # the training loop's data path: index the decoded uint8 tensor
-        while time.time() - t0 < 0.5:
-            to_float(data[torch.randint(len(data), (cfg.batch,), device=dev)]).sum().item()
-            fetched += cfg.batch
-        rows.append((name, cfg.resolution, cfg.batch, steps * cfg.batch / dt, peak, fetched / (time.time() - t0)))
-        del s
-    print(f"device: {dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f'{torch.get_num_threads()} threads'})")
-    print(f"{'preset':10s} {'res':>4s} {'batch':>5s} {'train img/s':>11s} {'peak MB':>9s} {'data img/s':>11s}")
-    for r in rows:
-        print(f"{r[0]:10s} {r[1]:4d} {r[2]:5d} {r[3]:11.1f} {r[4]:9.0f} {r[5]:11.0f}")
-    return rows
-
-
 def check_data(cfg):
     """Load both splits as training and evaluation will, and print what was found."""
     for split in ("train", "test"):
@@ -1306,8 +1325,6 @@ def parse_args(argv=None):
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--preset", default="cpu", choices=list(PRESETS), help="named overrides of the defaults")
     ap.add_argument("--resume", default=None, help="run folder or checkpoint to continue")
-    ap.add_argument("--benchmark", nargs="*", default=None, metavar="PRESET",
-                    help="print img/s and peak memory for these presets (all if none given) and exit")
     ap.add_argument("--check-data", action="store_true",
                     help="load the train and test splits of --dataset, print what was found, and exit")
     for f in dataclasses.fields(Config):
@@ -1323,11 +1340,6 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
-    if args.benchmark is not None:
-        overrides.pop("device")
-        benchmark(args.benchmark or list(PRESETS), device=args.device or "auto",
-                  **{k: v for k, v in overrides.items() if v is not None})
-        return
     if args.check_data:
         cfg = make_config(args.preset, **overrides)
         try:
@@ -1347,11 +1359,16 @@ def main(argv=None):
                     setattr(cfg, k, v)
         else:
             cfg = make_config(args.preset, **overrides)
-        print(json.dumps(dataclasses.asdict(cfg)))
+        rank = int(os.environ.get("RANK", "0"))  # set by torchrun
+        if rank == 0:
+            print(json.dumps(dataclasses.asdict(cfg)))
         out = train(cfg, resume)
     except (NonFiniteLoss, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
-    if cfg.evaluate:
+    finally:
+        if world()[1] > 1:
+            dist.destroy_process_group()
+    if cfg.evaluate and rank == 0:
         import unet_eval  # distil a U-Net from generated pairs, score it on the test split
         unet_eval.evaluate_run(out, budget=cfg.eval_budget)
 

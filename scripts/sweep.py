@@ -9,6 +9,7 @@ reads each run's results.json and the last line of its stats.jsonl (collapse fla
 """
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -23,7 +24,9 @@ def main():
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--variant", action="append", default=None, metavar="NAME=ARGS",
                     help='named extra arguments for ilsgan.py, e.g. no-ils="--ils none" (default: default=)')
-    ap.add_argument("--jobs", type=int, default=1, help="runs at a time")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="runs at a time; each gets cores / jobs threads (OMP_NUM_THREADS), which on 2 cores "
+                         "gives more img/s in total than one run on both")
     ap.add_argument("--out", default="runs/sweep")
     ap.add_argument("--success", type=float, default=0.85, help="per-image test IoU that counts as success")
     ap.add_argument("--table-only", action="store_true", help="only tabulate existing runs")
@@ -38,7 +41,9 @@ def main():
                 name, seed, out, extra = pending.pop(0)
                 out.mkdir(parents=True, exist_ok=True)
                 cmd = [sys.executable, str(ROOT / "ilsgan.py"), "--seed", str(seed), "--out", str(out), *extra]
-                active.append(subprocess.Popen(cmd, stdout=open(out / "log.txt", "w"), stderr=subprocess.STDOUT))
+                env = dict(os.environ, OMP_NUM_THREADS=os.environ.get(
+                    "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs))))
+                active.append(subprocess.Popen(cmd, stdout=open(out / "log.txt", "w"), stderr=subprocess.STDOUT, env=env))
             time.sleep(2)
             active = [p for p in active if p.poll() is None]
         print(f"{len(runs)} runs in {time.time() - t0:.0f} s")

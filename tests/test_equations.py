@@ -73,6 +73,15 @@ def test_mask_area_loss_known_answers():
     assert ilsgan.mask_area_upper_loss(torch.ones(1, 1, 4, 4), 0.6).item() == pytest.approx(0.4)
 
 
+def test_mask_spread_loss_known_answers():
+    same = torch.zeros(4, 1, 2, 2)
+    same[:, :, 0, 0] = 1  # one mask for every sample: spread 0, full penalty
+    assert ilsgan.mask_spread_loss(same, 0.2).item() == pytest.approx(0.2)
+    half = torch.zeros(4, 1, 2, 2)
+    half[:2] = 1  # every pixel on in two samples of four: std (unbiased) = sqrt(1/3) > 0.2
+    assert ilsgan.mask_spread_loss(half, 0.2).item() == 0
+
+
 def test_binarization_loss_known_answers():
     assert ilsgan.binarization_loss(torch.tensor([0.0, 1.0, 1.0, 0.0]).reshape(1, 1, 2, 2)) == 0
     assert ilsgan.binarization_loss(torch.full((1, 1, 2, 2), 0.5)).item() == pytest.approx(0.5)

@@ -93,9 +93,24 @@ def test_cli_trains_tiny_and_resumes(tmp_path):
     assert ckpt["state"]["nimg"] >= 200
 
 
+def test_torchrun_two_processes_train_in_step(tmp_path):
+    """Data parallel on CPUs (gloo): two processes share the batch, process 0 alone writes the run
+    folder, and the run ends only if both generators are still identical (train() checks)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "ilsgan.py"), "--preset", "tiny", "--out", str(tmp_path / "run"), "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "x 2 processes" in r.stdout and r.stdout.count('"dataset"') == 1
+    _, ckpt = ilsgan.load_checkpoint(tmp_path / "run")
+    assert ckpt["state"]["nimg"] >= 100 and ckpt["state"]["step"] == ckpt["state"]["nimg"] // 8
+    lines = (tmp_path / "run" / "stats.jsonl").read_text().splitlines()
+    assert len(lines) == len({json.loads(x)["step"] for x in lines}) >= 4  # one writer
+
+
 def test_cli_help_lists_every_config_field(tmp_path):
     r = run_cli(["--help"], tmp_path)
-    for f in ("--lambda-ils", "--eta", "--ils-separate", "--mask-max", "--resume", "--benchmark"):
+    for f in ("--lambda-ils", "--eta", "--ils-separate", "--mask-max", "--mask-spread", "--resume", "--check-data"):
         assert f in r.stdout
 
 
@@ -111,7 +126,32 @@ def test_importing_writes_nothing(tmp_path):
     assert r.stdout == "" and os.listdir(tmp_path) == []
 
 
-def test_benchmark_prints_throughput_and_memory(capsys):
-    rows = ilsgan.benchmark(["tiny"], device="cpu", seconds=0.5)
-    assert rows[0][0] == "tiny" and rows[0][3] > 0 and rows[0][4] > 0 and rows[0][5] > rows[0][3]
-    assert "img/s" in capsys.readouterr().out
+def test_benchmark_prints_throughput_and_memory(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "tiny", "--seconds", "0.5",
+                        "--device", "cpu"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "train img/s" in r.stdout and "peak MB" in r.stdout
+    row = next(line.split() for line in r.stdout.splitlines() if line.startswith("tiny"))
+    train_ips, peak_mb, data_ips = float(row[3]), float(row[4]), float(row[5])
+    assert train_ips > 0 and peak_mb > 0 and data_ips > train_ips
+    assert list(tmp_path.iterdir()) == []  # writes nothing
+
+
+def test_collapse_watch_names_each_known_failure():
+    def flags(m, x_fake=None):
+        x_real = torch.randn(16, 3, 16, 16)
+        return ilsgan.collapse_flags(ilsgan.watch_stats(m, torch.randn(16, 3, 16, 16) if x_fake is None else x_fake, x_real))
+
+    blob = torch.zeros(16, 1, 16, 16)
+    for i in range(16):  # one square per sample, at different places
+        y, x = 2 + i % 4, 2 + i // 4 * 2
+        blob[i, :, y:y + 8, x:x + 6] = 1
+    assert flags(blob) == []
+    assert flags(torch.ones(16, 1, 16, 16)) == ["mask-full", "mask-fixed"]
+    assert flags(torch.zeros(16, 1, 16, 16)) == ["mask-empty"]
+    assert flags(blob, x_fake=torch.zeros(16, 3, 16, 16)) == ["mode-collapse"]
+    assert flags(blob[:1].expand(16, -1, -1, -1)) == ["mask-fixed"]
+    frame = torch.ones(16, 1, 16, 16)
+    frame[..., 3:-3, 3:-3] = 0
+    frame[::2, ..., 0, :] = 0  # a frame that varies a little
+    assert "swapped" in flags(frame)
