@@ -1218,10 +1218,12 @@ def train(cfg, resume=None):
 
 
 def load_generator(path, device="cpu", best=False):
-    """Run folder or checkpoint -> (cfg, G_ema in eval mode on `device`); best: prefer best.pt."""
+    """Run folder or checkpoint -> (cfg, G_ema in eval mode on `device`); best: prefer best.pt.
+    G.kimg is how far that checkpoint had trained (cfg.kimg is the run's planned length)."""
     cfg, ckpt = load_checkpoint(path, device, best)
     G = Generator(cfg).to(device).eval().requires_grad_(False)
     G.load_state_dict(ckpt["state"]["G_ema"])
+    G.kimg = ckpt["state"]["nimg"] / 1000
     return cfg, G
 
 

@@ -242,13 +242,16 @@ def merge_results(run_dir, section, values):
 
 def prepare(cfg, budgets, name):
     """Shared start of the companion scripts: the device, the denormal flush on CPU, and the named
-    budget ('auto': cpu on a CPU, official on a GPU) filling every field still at its default."""
+    budget ('auto': cpu on a CPU, official on a GPU) filling every field still at its default,
+    except the flags given on the command line (cfg.given), so `--n 10000` is kept even where the
+    budget says 3000."""
     dev = ilsgan.pick_device(cfg.device)
     if dev.type == "cpu":
         torch.set_flush_denormal(True)
     name = name if name != "auto" else ("cpu" if dev.type == "cpu" else "official")
+    given = getattr(cfg, "given", set())
     for k, v in budgets[name].items():
-        if getattr(cfg, k) == getattr(type(cfg), k):
+        if getattr(cfg, k) == getattr(type(cfg), k) and k not in given:
             setattr(cfg, k, v)
     return dev, name
 
@@ -287,7 +290,7 @@ def evaluate(ec):
                + f"U-Net distillation ({budget} budget: {ec.n} pairs, width {ec.width}, {ec.iters} iters), "
                         f"segmented at {seg_res}px, scored at {cfg.resolution}px on the {dataset} test split; "
                         "iou/dice: per-image foreground, averaged over images (DRC)",
-               checkpoint=str(ckpt_path), kimg=cfg.kimg, test=test, baselines=baselines, **gen_stats,
+               checkpoint=str(ckpt_path), kimg=G.kimg, test=test, baselines=baselines, **gen_stats,
                n_test=len(gt), unet_val=history, seconds=time.time() - t0)
     merge_results(ckpt_path.parent, tag, out)
     return out
@@ -328,13 +331,20 @@ def evaluate_run(run_dir, budget="auto", mi=True):
 
 def run_cli(config_cls, doc, argv, evaluate_fn):
     """The companion scripts' command line: every config field a flag, --ckpt required, clear errors."""
-    ap = argparse.ArgumentParser(description=doc.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(config_cls):
-        if isinstance(f.default, bool):
-            ap.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    def parser(given_only):  # given_only: a flag absent from the command line is absent from the result
+        ap = argparse.ArgumentParser(description=doc.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                     argument_default=argparse.SUPPRESS if given_only else None)
+        for f in dataclasses.fields(config_cls):
+            default = {} if given_only else dict(default=f.default)
+            if isinstance(f.default, bool):
+                ap.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, **default)
+            else:
+                ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), **default)
+        return ap
+
+    ap = parser(False)
     cfg = config_cls(**vars(ap.parse_args(argv)))
+    cfg.given = set(vars(parser(True).parse_args(argv)))  # flags on the command line: no budget overrides them
     if not cfg.ckpt:
         ap.error("--ckpt RUN_DIR_OR_CKPT is required")
     try:

@@ -57,6 +57,7 @@ def test_unet_smoke_fit_on_a_tiny_checkpoint_writes_results(tiny_run):
     assert 0 <= seg["test"]["iou"] <= 1 and seg["n_test"] == 1000
     assert {"all foreground", "mean training mask"} <= set(seg["baselines"])
     assert seg["unet_val"][0]["iter"] == 20
+    assert 0.1 <= seg["kimg"] < 0.11  # how far the checkpoint trained (tiny: 0.1 kimg in batches of 8)
     results = json.loads((out / "results.json").read_text())
     assert results["segmentation"]["test"] == seg["test"]
     assert (out / "segmentation.png").exists()
@@ -74,3 +75,13 @@ def test_oracle_trains_on_real_masks_and_is_labelled(tiny_run):
                                                   device="cpu", oracle=True))
     assert seg["protocol"].startswith("ORACLE") and (out / "oracle.png").exists()
     assert json.loads((out / "results.json").read_text())["oracle"]["test"] == seg["test"]
+
+
+def test_budget_fills_the_defaults_but_not_the_flags_given():
+    def resolved(argv):
+        return unet_eval.run_cli(unet_eval.EvalConfig, "doc", ["--ckpt", "x", "--device", "cpu"] + argv,
+                                 lambda c: (unet_eval.prepare(c, unet_eval.BUDGETS, c.budget), c)[1])
+    cpu = resolved(["--budget", "cpu"])
+    assert (cpu.n, cpu.width, cpu.iters) == (3000, 16, 600)
+    mixed = resolved(["--budget", "cpu", "--n", "10000", "--iters", "50"])  # 10000 is also the default
+    assert (mixed.n, mixed.width, mixed.iters) == (10000, 16, 50)
