@@ -623,6 +623,10 @@ def _render_synthetic(B, S, g):
     def colour():
         return (PALETTE[torch.randint(len(PALETTE), (B,), generator=g)] + U(B, 3, lo=-0.1, hi=0.1)).clamp(0, 1)
 
+    def colour_and_shade():  # a colour and a slightly darker shade of it, for a texture
+        c = colour()
+        return c, c * U(B, 1, lo=0.75, hi=0.9)
+
     lin = (torch.arange(S) + 0.5) / S * 2 - 1
     yy, xx = torch.meshgrid(lin, lin, indexing="ij")  # [S,S] in [-1,1]
     # object: a star-shaped region r < R * rho(theta) with area fraction A = pi R^2 / 4 exactly
@@ -647,8 +651,7 @@ def _render_synthetic(B, S, g):
     obj = (r < R * rho).float()[:, None]  # [B,1,S,S]
     # its texture: one colour and a slightly darker shade of it in one of four patterns, lit from one side
     tex_kind, freq = torch.randint(4, (B,), generator=g), U(B, lo=2.5, hi=4.5)  # periods of 5-10 px at 32 px
-    f1 = colour()
-    f2 = f1 * U(B, 1, lo=0.75, hi=0.9)
+    f1, f2 = colour_and_shade()
     fg = _texture(u / R, v / R, tex_kind, freq * R[:, 0, 0], f1, f2)
     fg = fg * (1 - 0.25 * (u / R).clamp(-1, 1)[:, None])
     # background, out of focus: two colours mixed by low-frequency waves, plus soft-edged clutter blobs
@@ -677,8 +680,7 @@ def _render_synthetic(B, S, g):
         h = U(B, lo=0.15, hi=0.25)[:, None, None]
         du, dv = xx[None] - px[:, None, None], yy[None] - py[:, None, None]
         inside = ((du.abs() < h) & (dv.abs() < h)).float()[:, None] * on
-        d1 = colour()
-        d2 = d1 * U(B, 1, lo=0.75, hi=0.9)
+        d1, d2 = colour_and_shade()
         d_kind, d_freq = torch.randint(4, (B,), generator=g), U(B, lo=2.5, hi=4.5)
         patch = _texture(du / R, dv / R, d_kind, d_freq * R[:, 0, 0], d1, d2)
         img = img * (1 - inside) + patch * inside
