@@ -116,6 +116,7 @@ class Config:
     mask_max: float = 0.0  # upper hinge on the mask area: relu(mean(m) - mask_max)
     lambda_border: float = 0.0  # border prior: penalise mask mass in a band along the image border
     mask_spread: float = 0.0  # hinge on the mask's spread over z: relu(mask_spread - mean over pixels of std_z m)
+    mask_spread_max: float = 0.0  # upper hinge on that spread: relu(spread - mask_spread_max), against late break-up
     # --- run
     out: str = "runs/ilsgan"  # run folder: config.json, stats.jsonl, checkpoint.pt, grids
     seed: int = 0
@@ -531,6 +532,11 @@ def binarization_loss(m):
 def mask_spread_loss(m, target):
     """ours: relu(target - mean over pixels of the std of m over the batch); against one mask for all z."""
     return F.relu(target - m.std(0).mean())
+
+
+def mask_spread_upper_loss(m, spread_max):
+    """ours: relu(mean over pixels of the std of m over the batch - spread_max); against masks breaking up."""
+    return F.relu(m.std(0).mean() - spread_max)
 
 
 def border_loss(m, width):
@@ -1051,6 +1057,8 @@ def train_step(s, x_real, cfg):
         loss_G = loss_G + cfg.lambda_m * mask_area_upper_loss(m_s, cfg.mask_max)
     if cfg.mask_spread > 0:  # ours
         loss_G = loss_G + cfg.lambda_m * mask_spread_loss(m, cfg.mask_spread)
+    if cfg.mask_spread_max > 0:  # ours
+        loss_G = loss_G + cfg.lambda_m * mask_spread_upper_loss(m, cfg.mask_spread_max)
     if cfg.lambda_border > 0:  # ours
         loss_G = loss_G + cfg.lambda_border * border_loss(m, max(res // 8, 1))
     check_finite(loss_G, "G", s.step)

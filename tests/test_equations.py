@@ -82,6 +82,14 @@ def test_mask_spread_loss_known_answers():
     assert ilsgan.mask_spread_loss(half, 0.2).item() == 0
 
 
+def test_mask_spread_upper_loss_known_answers():
+    half = torch.zeros(4, 1, 2, 2)
+    half[:2] = 1  # spread sqrt(1/3) = 0.577 at every pixel
+    assert ilsgan.mask_spread_upper_loss(half, 0.3).item() == pytest.approx(3 ** -0.5 - 0.3)
+    assert ilsgan.mask_spread_upper_loss(half, 0.6).item() == 0
+    assert ilsgan.mask_spread_upper_loss(torch.ones(4, 1, 2, 2), 0.3).item() == 0  # no spread at all
+
+
 def test_binarization_loss_known_answers():
     assert ilsgan.binarization_loss(torch.tensor([0.0, 1.0, 1.0, 0.0]).reshape(1, 1, 2, 2)) == 0
     assert ilsgan.binarization_loss(torch.full((1, 1, 2, 2), 0.5)).item() == pytest.approx(0.5)
