@@ -529,14 +529,19 @@ def binarization_loss(m):
     return torch.minimum(m, 1 - m).mean()
 
 
+def mask_spread(m):
+    """ours: how much the mask varies with z, the std of m over the batch averaged over pixels. [B,1,H,W] -> []."""
+    return m.std(0).mean()
+
+
 def mask_spread_loss(m, target):
-    """ours: relu(target - mean over pixels of the std of m over the batch); against one mask for all z."""
-    return F.relu(target - m.std(0).mean())
+    """ours: relu(target - mask_spread(m)); against one mask for all z."""
+    return F.relu(target - mask_spread(m))
 
 
 def mask_spread_upper_loss(m, spread_max):
-    """ours: relu(mean over pixels of the std of m over the batch - spread_max); against masks breaking up."""
-    return F.relu(m.std(0).mean() - spread_max)
+    """ours: relu(mask_spread(m) - spread_max); against masks breaking up."""
+    return F.relu(mask_spread(m) - spread_max)
 
 
 def border_loss(m, width):
@@ -1011,7 +1016,7 @@ def watch_stats(m, x_fake, x_real):
                 mask_binary=torch.minimum(m, 1 - m).mean().item(),  # 0 = perfectly binary
                 mask_border=(m[:, 0] * band).sum().item() / (band.sum().item() * m.shape[0]),
                 mask_centre=m[..., q:-q, q:-q].mean().item(),
-                mask_spread=m.std(0).mean().item(),  # 0 = the same mask for every z
+                mask_spread=mask_spread(m).item(),  # 0 = the same mask for every z
                 diversity=(x_fake.std(0).mean() / x_real.std(0).mean().clamp(min=1e-8)).item())
 
 
