@@ -115,6 +115,7 @@ class Config:
     # --- ours: guards against known failures of small runs (0 = off, the paper's setting)
     mask_max: float = 0.0  # upper hinge on the mask area: relu(mean(m) - mask_max)
     lambda_border: float = 0.0  # border prior: penalise mask mass in a band along the image border
+    border_margin: float = 0.0  # the border prior is free up to this mean mask value in the band, per sample
     mask_spread: float = 0.0  # hinge on the mask's spread over z: relu(mask_spread - mean over pixels of std_z m)
     mask_spread_max: float = 0.0  # upper hinge on that spread: relu(spread - mask_spread_max), against late break-up
     # --- run
@@ -544,11 +545,12 @@ def mask_spread_upper_loss(m, spread_max):
     return F.relu(mask_spread(m) - spread_max)
 
 
-def border_loss(m, width):
-    """ours: mean mask value in a band of `width` pixels along the border (objects are centred)."""
+def border_loss(m, width, margin=0.0):
+    """ours: mean mask value in a band of `width` pixels along the border (objects are centred),
+    free up to `margin` per sample: mean over the batch of relu(band mean - margin)."""
     band = torch.ones_like(m[:1, :1])
     band[..., width:-width, width:-width] = 0
-    return (m * band).sum(dim=[1, 2, 3]).mean() / band.sum()
+    return F.relu((m * band).sum(dim=[1, 2, 3]) - margin * band.sum()).mean() / band.sum()
 
 
 def club(x, y, perm, dist="laplace"):
@@ -1065,7 +1067,7 @@ def train_step(s, x_real, cfg):
     if cfg.mask_spread_max > 0:  # ours
         loss_G = loss_G + cfg.lambda_m * mask_spread_upper_loss(m, cfg.mask_spread_max)
     if cfg.lambda_border > 0:  # ours
-        loss_G = loss_G + cfg.lambda_border * border_loss(m, max(res // 8, 1))
+        loss_G = loss_G + cfg.lambda_border * border_loss(m, max(res // 8, 1), cfg.border_margin)
     check_finite(loss_G, "G", s.step)
     _step(s.opt_G, loss_G, s.G.parameters())
     stats = watch_stats(m.detach(), x_fake.detach(), x_real)

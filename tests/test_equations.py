@@ -101,6 +101,12 @@ def test_border_loss_counts_only_the_band():
     m[..., 2:6, 2:6] = 1
     assert ilsgan.border_loss(m, 2).item() == 0
     assert ilsgan.border_loss(torch.ones(1, 1, 8, 8), 2).item() == pytest.approx(1.0)
+    # per sample: band means 1 and 0.25 (a quarter of the band), margin 0.5 frees the second
+    two = torch.ones(2, 1, 8, 8)
+    two[1, ..., :4, :] = 0
+    two[1, ..., :, :4] = 0  # only the bottom-right quadrant: 12 of the 48 band pixels
+    assert ilsgan.border_loss(two, 2).item() == pytest.approx((1 + 0.25) / 2)
+    assert ilsgan.border_loss(two, 2, margin=0.5).item() == pytest.approx(0.5 / 2)
 
 
 # --- Eq. (8)-(12): CLUB and ILS-MI -------------------------------------------------------------
