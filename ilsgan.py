@@ -139,7 +139,7 @@ PRESETS = {
     # the default demo: 50 kimg at 32 px, about 9 minutes of training on 2 cores (scripts/benchmark.py)
     "cpu": dict(resolution=32, z_dim=128, w_dim=128, map_layers=4, channel_base=512,
                 channel_max=64, batch=16, kimg=50, log_kimg=1, snap_kimg=10, ema_kimg=2,
-                ada_kimg=100, lambda_m=4.0, mask_max=0.6, lambda_border=0.5, mask_spread=0.2,
+                ada_kimg=100, lambda_m=4.0, mask_max=0.6, lambda_border=2.0, mask_spread=0.2,
                 eval_budget="cpu"),
     # the official settings for one GPU
     "paper64": dict(resolution=64, kimg=8000, log_kimg=20, snap_kimg=200, fid_n=10000),
