@@ -1011,12 +1011,10 @@ def _step(opt, loss, params):
 def watch_stats(m, x_fake, x_real):
     """ours: the generator's own statistics that reveal known failures (no ground truth needed)."""
     S = m.shape[-1]
-    w, q = max(S // 8, 1), S // 4
-    band = torch.ones_like(m[0, 0])
-    band[w:-w, w:-w] = 0
+    q = S // 4
     return dict(mask_area=m.mean().item(),
                 mask_binary=torch.minimum(m, 1 - m).mean().item(),  # 0 = perfectly binary
-                mask_border=(m[:, 0] * band).sum().item() / (band.sum().item() * m.shape[0]),
+                mask_border=border_loss(m, max(S // 8, 1)).item(),  # the border prior's band
                 mask_centre=m[..., q:-q, q:-q].mean().item(),
                 mask_spread=mask_spread(m).item(),  # 0 = the same mask for every z
                 diversity=(x_fake.std(0).mean() / x_real.std(0).mean().clamp(min=1e-8)).item())
