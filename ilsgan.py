@@ -545,9 +545,10 @@ def mask_spread_upper_loss(m, spread_max):
     return F.relu(mask_spread(m) - spread_max)
 
 
-def border_loss(m, width, margin=0.0):
-    """ours: mean mask value in a band of `width` pixels along the border (objects are centred),
-    free up to `margin` per sample: mean over the batch of relu(band mean - margin)."""
+def border_loss(m, width=None, margin=0.0):
+    """ours: mean mask value in a band of `width` pixels (default res/8) along the border (objects
+    are centred), free up to `margin` per sample: mean over the batch of relu(band mean - margin)."""
+    width = width or max(m.shape[-1] // 8, 1)
     band = torch.ones_like(m[:1, :1])
     band[..., width:-width, width:-width] = 0
     return F.relu((m * band).sum(dim=[1, 2, 3]) - margin * band.sum()).mean() / band.sum()
@@ -1010,11 +1011,10 @@ def _step(opt, loss, params):
 
 def watch_stats(m, x_fake, x_real):
     """ours: the generator's own statistics that reveal known failures (no ground truth needed)."""
-    S = m.shape[-1]
-    q = S // 4
+    q = m.shape[-1] // 4
     return dict(mask_area=m.mean().item(),
                 mask_binary=torch.minimum(m, 1 - m).mean().item(),  # 0 = perfectly binary
-                mask_border=border_loss(m, max(S // 8, 1)).item(),  # the border prior's band
+                mask_border=border_loss(m).item(),  # the border prior's band
                 mask_centre=m[..., q:-q, q:-q].mean().item(),
                 mask_spread=mask_spread(m).item(),  # 0 = the same mask for every z
                 diversity=(x_fake.std(0).mean() / x_real.std(0).mean().clamp(min=1e-8)).item())
@@ -1065,7 +1065,7 @@ def train_step(s, x_real, cfg):
     if cfg.mask_spread_max > 0:  # ours
         loss_G = loss_G + cfg.lambda_m * mask_spread_upper_loss(m, cfg.mask_spread_max)
     if cfg.lambda_border > 0:  # ours
-        loss_G = loss_G + cfg.lambda_border * border_loss(m, max(res // 8, 1), cfg.border_margin)
+        loss_G = loss_G + cfg.lambda_border * border_loss(m, margin=cfg.border_margin)
     check_finite(loss_G, "G", s.step)
     _step(s.opt_G, loss_G, s.G.parameters())
     stats = watch_stats(m.detach(), x_fake.detach(), x_real)
