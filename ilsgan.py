@@ -136,9 +136,9 @@ PRESETS = {
     "tiny": dict(resolution=16, n_train=256, z_dim=16, w_dim=16, map_layers=2, channel_base=128,
                  channel_max=16, batch=8, kimg=0.1, log_kimg=0.02, snap_kimg=0.05, ema_kimg=0.01,
                  evaluate=False),
-    # the default demo: 50 kimg at 32 px, about 9 minutes of training on 2 cores (scripts/benchmark.py)
+    # the default demo: 75 kimg at 32 px, about 13 minutes of training on 2 cores (scripts/benchmark.py)
     "cpu": dict(resolution=32, z_dim=128, w_dim=128, map_layers=4, channel_base=512,
-                channel_max=64, batch=16, kimg=50, log_kimg=1, snap_kimg=10, ema_kimg=2,
+                channel_max=64, batch=16, kimg=75, log_kimg=1, snap_kimg=10, ema_kimg=2,
                 ada_kimg=100, lambda_m=4.0, mask_max=0.6, lambda_border=2.0, mask_spread=0.2,
                 eval_budget="cpu"),
     # the official settings for one GPU
