@@ -17,7 +17,8 @@ segmentation by training a U-Net on those pairs and scoring it on real images wi
     resized to 64, and the logits are upsampled x2 (bilinear) before the argmax at 128.
 
 The `cpu` budget (fewer pairs, narrower U-Net, fewer iterations) serves the default demo; `auto`
-picks it on a CPU and the official budget on a GPU.
+picks it on a CPU and the official budget on a GPU. It also turns on random flips and quarter-turns
+of the training pairs (`--flip-rotate`, ours; the official protocol augments colour only).
 
     python unet_eval.py --ckpt RUN_DIR_OR_CKPT [--dataset ...] [--data-root ...] [--budget official]
 
@@ -57,11 +58,12 @@ class EvalConfig:
     seed: int = 0
     device: str = "auto"
     oracle: bool = False  # train on the dataset's real training masks instead: the U-Net's ceiling
+    flip_rotate: bool = False  # ours: each batch of pairs gets one of the 8 flips / quarter-turns
 
 
 BUDGETS = {
     "official": dict(n=10000, width=64, iters=6000, lr_step=4000, val_every=1000),
-    "cpu": dict(n=3000, width=16, iters=600, lr_step=400, val_every=200),
+    "cpu": dict(n=3000, width=16, iters=600, lr_step=400, val_every=200, flip_rotate=True),
 }
 
 
@@ -177,6 +179,15 @@ def predict(net, x, out_res, batch=64):
     return torch.cat(preds)
 
 
+def flip_rotate(x, m):
+    """The same random flip / quarter-turn of images x [B,C,H,W] and masks m [B,H,W] (one per batch)."""
+    k = torch.randint(4, (1,)).item()
+    x, m = torch.rot90(x, k, (2, 3)), torch.rot90(m, k, (1, 2))
+    if torch.rand(1).item() < 0.5:
+        x, m = x.flip(3), m.flip(2)
+    return x, m
+
+
 def train_unet(x, m, ec, dev):
     """Train on the first 90% of (x, m), keep the weights with the best val dataset-level IoU."""
     from tqdm import tqdm
@@ -191,8 +202,9 @@ def train_unet(x, m, ec, dev):
     for it in bar:
         net.train()
         idx = torch.randint(n_train, (ec.batch,), device=dev)
-        xb = ilsgan.augment(x[idx], 0.5, geometric=False)  # official: colour augmentation only
-        loss = F.cross_entropy(net(xb), m[idx])
+        xb, mb = flip_rotate(x[idx], m[idx]) if ec.flip_rotate else (x[idx], m[idx])
+        xb = ilsgan.augment(xb, 0.5, geometric=False)  # official: colour augmentation only
+        loss = F.cross_entropy(net(xb), mb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -286,8 +298,9 @@ def evaluate(ec):
         baselines["mean training mask"] = seg_metrics(mean_mask.expand_as(gt), gt)
     tag = "oracle" if ec.oracle else "segmentation"
     save_outlines(x_test, pred, gt, ckpt_path.parent / f"{tag}.png")
+    flips = ", random flips and quarter-turns" if ec.flip_rotate else ""
     out = dict(protocol=("ORACLE: U-Net trained on real training masks, not on generated pairs; " if ec.oracle else "")
-               + f"U-Net distillation ({budget} budget: {ec.n} pairs, width {ec.width}, {ec.iters} iters), "
+               + f"U-Net distillation ({budget} budget: {ec.n} pairs, width {ec.width}, {ec.iters} iters{flips}), "
                         f"segmented at {seg_res}px, scored at {cfg.resolution}px on the {dataset} test split; "
                         "iou/dice: per-image foreground, averaged over images (DRC)",
                checkpoint=str(ckpt_path), kimg=G.kimg, test=test, baselines=baselines, **gen_stats,

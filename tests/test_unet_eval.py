@@ -85,3 +85,17 @@ def test_budget_fills_the_defaults_but_not_the_flags_given():
     assert (cpu.n, cpu.width, cpu.iters) == (3000, 16, 600)
     mixed = resolved(["--budget", "cpu", "--n", "10000", "--iters", "50"])  # 10000 is also the default
     assert (mixed.n, mixed.width, mixed.iters) == (10000, 16, 50)
+    assert cpu.flip_rotate and not resolved(["--budget", "cpu", "--no-flip-rotate"]).flip_rotate
+    assert not resolved(["--budget", "official"]).flip_rotate  # the official protocol: colour only
+
+
+def test_flip_rotate_moves_image_and_mask_together():
+    torch.manual_seed(0)
+    m = torch.rand(4, 8, 8) < 0.3
+    x = torch.cat([m[:, None].float(), torch.rand(4, 2, 8, 8)], 1)
+    seen = set()
+    for _ in range(40):
+        xb, mb = unet_eval.flip_rotate(x, m)
+        assert torch.equal(xb[:, 0].bool(), mb)
+        seen.add(mb.numpy().tobytes())
+    assert len(seen) == 8  # all eight flips / quarter-turns occur
