@@ -29,6 +29,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -59,11 +60,12 @@ class EvalConfig:
     device: str = "auto"
     oracle: bool = False  # train on the dataset's real training masks instead: the U-Net's ceiling
     flip_rotate: bool = False  # ours: each batch of pairs gets one of the 8 flips / quarter-turns
+    shadows: bool = False  # ours: darken each image beyond up to two random straight lines (random shadows)
 
 
 BUDGETS = {
     "official": dict(n=10000, width=64, iters=6000, lr_step=4000, val_every=1000),
-    "cpu": dict(n=3000, width=16, iters=600, lr_step=400, val_every=200, flip_rotate=True),
+    "cpu": dict(n=3000, width=16, iters=600, lr_step=400, val_every=200, flip_rotate=True, shadows=True),
 }
 
 
@@ -188,6 +190,21 @@ def flip_rotate(x, m):
     return x, m
 
 
+def random_shadows(x, lines=2, p=0.5):
+    """Images x [B,3,H,W] in [-1,1], each darkened (x0.7-1) beyond up to `lines` random straight lines,
+    each line with probability p: a brightness edge inside an object is then not always its boundary."""
+    B, _, H, W = x.shape
+    lin = (torch.arange(H) + 0.5) / H * 2 - 1
+    yy, xx = torch.meshgrid(lin, lin, indexing="ij")
+    gain = torch.ones(B, 1, H, W)
+    for _ in range(lines):
+        angle, offset = torch.rand(B, 1, 1, 1) * 2 * math.pi, torch.rand(B, 1, 1, 1) - 0.5
+        factor, on = 0.7 + 0.3 * torch.rand(B, 1, 1, 1), (torch.rand(B, 1, 1, 1) < p).float()
+        beyond = (xx * angle.cos() + yy * angle.sin() > offset).float()
+        gain = gain * (1 - on * beyond * (1 - factor))
+    return (x + 1) * gain.to(x.device) - 1
+
+
 def train_unet(x, m, ec, dev):
     """Train on the first 90% of (x, m), keep the weights with the best val dataset-level IoU."""
     from tqdm import tqdm
@@ -203,6 +220,7 @@ def train_unet(x, m, ec, dev):
         net.train()
         idx = torch.randint(n_train, (ec.batch,), device=dev)
         xb, mb = flip_rotate(x[idx], m[idx]) if ec.flip_rotate else (x[idx], m[idx])
+        xb = random_shadows(xb) if ec.shadows else xb
         xb = ilsgan.augment(xb, 0.5, geometric=False)  # official: colour augmentation only
         loss = F.cross_entropy(net(xb), mb)
         opt.zero_grad(set_to_none=True)
@@ -298,9 +316,10 @@ def evaluate(ec):
         baselines["mean training mask"] = seg_metrics(mean_mask.expand_as(gt), gt)
     tag = "oracle" if ec.oracle else "segmentation"
     save_outlines(x_test, pred, gt, ckpt_path.parent / f"{tag}.png")
-    flips = ", random flips and quarter-turns" if ec.flip_rotate else ""
+    extras = ", random flips and quarter-turns" if ec.flip_rotate else ""
+    extras += ", random shadows" if ec.shadows else ""
     out = dict(protocol=("ORACLE: U-Net trained on real training masks, not on generated pairs; " if ec.oracle else "")
-               + f"U-Net distillation ({budget} budget: {ec.n} pairs, width {ec.width}, {ec.iters} iters{flips}), "
+               + f"U-Net distillation ({budget} budget: {ec.n} pairs, width {ec.width}, {ec.iters} iters{extras}), "
                         f"segmented at {seg_res}px, scored at {cfg.resolution}px on the {dataset} test split; "
                         "iou/dice: per-image foreground, averaged over images (DRC)",
                checkpoint=str(ckpt_path), kimg=G.kimg, test=test, baselines=baselines, **gen_stats,

@@ -99,3 +99,14 @@ def test_flip_rotate_moves_image_and_mask_together():
         assert torch.equal(xb[:, 0].bool(), mb)
         seen.add(mb.numpy().tobytes())
     assert len(seen) == 8  # all eight flips / quarter-turns occur
+
+
+def test_random_shadows_darken_each_image_beyond_one_straight_line():
+    torch.manual_seed(0)
+    x = torch.rand(16, 3, 12, 12) * 1.5 - 0.5  # x + 1 >= 0.5: the gain is read back by a division
+    gain = (unet_eval.random_shadows(x, lines=1, p=1.0) + 1) / (x + 1)
+    assert torch.allclose(gain, gain[:, :1].expand_as(gain), atol=1e-5)  # the same for R, G and B
+    assert gain.min() >= 0.7 - 1e-5 and gain.max() <= 1 + 1e-5
+    for g in gain[:, 0]:  # two levels per image: lit (1) and shadowed (0.7-1), split by a line
+        assert len(torch.unique(g.round(decimals=4))) == 2
+    torch.testing.assert_close(unet_eval.random_shadows(x, p=0.0), x)  # no line drawn: unchanged
