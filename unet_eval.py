@@ -17,8 +17,9 @@ segmentation by training a U-Net on those pairs and scoring it on real images wi
     resized to 64, and the logits are upsampled x2 (bilinear) before the argmax at 128.
 
 The `cpu` budget (fewer pairs, narrower U-Net, fewer iterations) serves the default demo; `auto`
-picks it on a CPU and the official budget on a GPU. It also turns on random flips and quarter-turns
-of the training pairs (`--flip-rotate`, ours; the official protocol augments colour only).
+picks it on a CPU and the official budget on a GPU. It also turns on two augmentations of ours: random
+flips and quarter-turns of the training pairs (`--flip-rotate`) and random shadows (`--shadows`); the
+official protocol augments colour only.
 
     python unet_eval.py --ckpt RUN_DIR_OR_CKPT [--dataset ...] [--data-root ...] [--budget official]
 
@@ -202,7 +203,7 @@ def random_shadows(x, lines=2, p=0.5):
         factor, on = 0.7 + 0.3 * torch.rand(B, 1, 1, 1), (torch.rand(B, 1, 1, 1) < p).float()
         beyond = (xx * angle.cos() + yy * angle.sin() > offset).float()
         gain = gain * (1 - on * beyond * (1 - factor))
-    return (x + 1) * gain.to(x.device) - 1
+    return (x + 1) * gain.to(x.device) - 1  # drawn on the CPU: the same shadows on any device
 
 
 def train_unet(x, m, ec, dev):
