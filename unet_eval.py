@@ -78,20 +78,35 @@ def seg_metrics(pred, gt):
 
     iou, dice: per image, then averaged (DRC protocol; the paper's figures). Both empty -> 1.
     iou_dataset: foreground TP / (TP + FP + FN) over all pixels; miou: mean of fg and bg IoU;
-    pacc: pixel accuracy.
+    pacc: pixel accuracy. missed, extra: where the per-image IoU is lost, the shares of each image's
+    union that are true foreground predicted as background and the reverse, averaged over images
+    (iou + missed + extra = 1 per image; both 0 when both masks are empty).
     """
     pred, gt = pred.flatten(1), gt.flatten(1)
     inter = (pred & gt).sum(1).double()
     union = (pred | gt).sum(1).double()
     size = pred.sum(1).double() + gt.sum(1).double()
     iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(inter))
+    missed, extra = ((gt & ~pred).sum(1) / union.clamp(min=1)), ((pred & ~gt).sum(1) / union.clamp(min=1))
     dice = torch.where(size > 0, 2 * inter / size.clamp(min=1), torch.ones_like(inter))
     tp, fp, fn = inter.sum(), (pred & ~gt).sum().double(), (~pred & gt).sum().double()
     tn = (~pred & ~gt).sum().double()
     iou_fg = tp / (tp + fp + fn).clamp(min=1)
     iou_bg = tn / (tn + fp + fn).clamp(min=1)
     return dict(iou=iou.mean().item(), dice=dice.mean().item(), iou_dataset=iou_fg.item(),
-                miou=((iou_fg + iou_bg) / 2).item(), pacc=((tp + tn) / pred.numel()).item())
+                miou=((iou_fg + iou_bg) / 2).item(), pacc=((tp + tn) / pred.numel()).item(),
+                missed=missed.mean().item(), extra=extra.mean().item())
+
+
+def iou_by_size(pred, gt, groups=3):
+    """Per-image IoU averaged within equal-count groups of the true mask's area, smallest first:
+    {"0.12-0.25": iou, ...} keyed by each group's area range (fractions of the image)."""
+    area = gt.flatten(1).double().mean(1)
+    out = {}
+    for idx in area.argsort().chunk(groups):
+        r = seg_metrics(pred[idx], gt[idx])
+        out[f"{area[idx].min().item():.2f}-{area[idx].max().item():.2f}"] = r["iou"]
+    return out
 
 
 # --- U-Net (milesial-style, as the official evaluation) --------------------------------------
@@ -308,7 +323,7 @@ def evaluate(ec):
     net, history = train_unet(resize_images(x_gen, seg_res), resize_masks(m_gen, seg_res), ec, dev)
     pred = predict(net, resize_images(x_test, seg_res).to(dev), cfg.resolution)
     gt = m_test[:, 0]
-    test = seg_metrics(pred, gt)
+    test = dict(seg_metrics(pred, gt), iou_by_size=iou_by_size(pred, gt))
     # trivial baselines on the same test split
     baselines = {"all foreground": seg_metrics(torch.ones_like(gt), gt)}
     _, m_train = ilsgan.load_dataset(dataset, root, cfg.resolution, "train", cfg.n_train, cfg.bgr)
@@ -340,6 +355,11 @@ def print_table(seg, mi=None, fid=None, closing=False):
            if "gen_mask_area" in seg else "")
     print(f"{gen}dataset-level IoU {seg['test']['iou_dataset']:.3f}, mIoU {seg['test']['miou']:.3f}, "
           f"pixel acc {seg['test']['pacc']:.3f}")
+    t = seg["test"]
+    if "missed" in t and "iou_by_size" in t:  # results.json files written before these keys lack them
+        sizes = ", ".join(f"{k} {v:.3f}" for k, v in t["iou_by_size"].items())
+        print(f"IoU lost to missed foreground {t['missed']:.3f}, to false foreground {t['extra']:.3f} | "
+              f"IoU by true object area: {sizes}")
     if mi is not None:
         n = mi["nats"]
         print(f"MI (MINE, nats): visible fg ; hidden bg {n['vis_fg;inv_bg']:.3f}, visible bg ; hidden fg "

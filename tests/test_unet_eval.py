@@ -28,6 +28,26 @@ def test_known_partial_overlap():
     assert r["iou"] == pytest.approx(0.5) and r["dice"] == pytest.approx(4 / 6)
     assert r["pacc"] == pytest.approx(4 / 6)
     assert r["miou"] == pytest.approx((0.5 + 2 / 4) / 2)  # bg: tn 2 / (2 + 1 + 1)
+    assert r["missed"] == pytest.approx(1 / 4) and r["extra"] == pytest.approx(1 / 4)  # of the union 4
+
+
+def test_iou_missed_and_extra_split_each_image():
+    pred = torch.tensor([[1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0], [0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    gt = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    r = unet_eval.seg_metrics(pred, gt)  # image 0 misses 2 of 4, image 1 adds 2 of 4, image 2 is empty
+    assert r["missed"] == pytest.approx(0.5 / 3) and r["extra"] == pytest.approx(0.5 / 3)
+    assert r["iou"] + r["missed"] + r["extra"] == pytest.approx(1.0)
+
+
+def test_iou_by_size_groups_images_by_true_area():
+    gt = torch.zeros(6, 4, 4, dtype=torch.bool)
+    for i in range(6):
+        gt[i].view(-1)[:i + 1] = True  # areas 1/16 ... 6/16
+    pred = gt.clone()
+    pred[4:] = False  # the two largest are missed
+    r = unet_eval.iou_by_size(pred, gt)
+    assert list(r.values()) == [1.0, 1.0, 0.0]
+    assert list(r) == ["0.06-0.12", "0.19-0.25", "0.31-0.38"]
 
 
 def test_both_empty_is_defined_not_nan():
