@@ -86,16 +86,16 @@ def seg_metrics(pred, gt):
     inter = (pred & gt).sum(1).double()
     union = (pred | gt).sum(1).double()
     size = pred.sum(1).double() + gt.sum(1).double()
+    fp_img, fn_img = (pred & ~gt).sum(1).double(), (~pred & gt).sum(1).double()
     iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(inter))
-    missed, extra = ((gt & ~pred).sum(1) / union.clamp(min=1)), ((pred & ~gt).sum(1) / union.clamp(min=1))
     dice = torch.where(size > 0, 2 * inter / size.clamp(min=1), torch.ones_like(inter))
-    tp, fp, fn = inter.sum(), (pred & ~gt).sum().double(), (~pred & gt).sum().double()
+    tp, fp, fn = inter.sum(), fp_img.sum(), fn_img.sum()
     tn = (~pred & ~gt).sum().double()
     iou_fg = tp / (tp + fp + fn).clamp(min=1)
     iou_bg = tn / (tn + fp + fn).clamp(min=1)
     return dict(iou=iou.mean().item(), dice=dice.mean().item(), iou_dataset=iou_fg.item(),
                 miou=((iou_fg + iou_bg) / 2).item(), pacc=((tp + tn) / pred.numel()).item(),
-                missed=missed.mean().item(), extra=extra.mean().item())
+                missed=(fn_img / union.clamp(min=1)).mean().item(), extra=(fp_img / union.clamp(min=1)).mean().item())
 
 
 def iou_by_size(pred, gt, groups=3):
@@ -356,10 +356,9 @@ def print_table(seg, mi=None, fid=None, closing=False):
     print(f"{gen}dataset-level IoU {seg['test']['iou_dataset']:.3f}, mIoU {seg['test']['miou']:.3f}, "
           f"pixel acc {seg['test']['pacc']:.3f}")
     t = seg["test"]
-    if "missed" in t and "iou_by_size" in t:  # results.json files written before these keys lack them
-        sizes = ", ".join(f"{k} {v:.3f}" for k, v in t["iou_by_size"].items())
-        print(f"IoU lost to missed foreground {t['missed']:.3f}, to false foreground {t['extra']:.3f} | "
-              f"IoU by true object area: {sizes}")
+    sizes = ", ".join(f"{k} {v:.3f}" for k, v in t["iou_by_size"].items())
+    print(f"IoU lost to missed foreground {t['missed']:.3f}, to false foreground {t['extra']:.3f} | "
+          f"IoU by true object area: {sizes}")
     if mi is not None:
         n = mi["nats"]
         print(f"MI (MINE, nats): visible fg ; hidden bg {n['vis_fg;inv_bg']:.3f}, visible bg ; hidden fg "
