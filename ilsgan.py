@@ -619,6 +619,12 @@ PALETTE = torch.tensor([[0.85, 0.20, 0.15], [0.95, 0.70, 0.10], [0.20, 0.60, 0.2
                         [0.60, 0.25, 0.65], [0.90, 0.90, 0.85], [0.25, 0.25, 0.25], [0.55, 0.40, 0.25]])
 
 
+def pixel_grid(S):
+    """Pixel-centre coordinates of an S x S image: yy, xx [S,S] in (-1, 1), row-major."""
+    lin = (torch.arange(S) + 0.5) / S * 2 - 1
+    return torch.meshgrid(lin, lin, indexing="ij")
+
+
 def _texture(u, v, kind, freq, c1, c2):
     """Object texture families in object coordinates u, v [B,S,S]: 0 stripes, 1 checker, 2 dots,
     3 radial shading. kind [B] long, freq [B], c1, c2 [B,3] -> RGB [B,3,S,S]."""
@@ -643,8 +649,7 @@ def _render_synthetic(B, S, g):
         c = colour()
         return c, c * U(B, 1, lo=0.75, hi=0.9)
 
-    lin = (torch.arange(S) + 0.5) / S * 2 - 1
-    yy, xx = torch.meshgrid(lin, lin, indexing="ij")  # [S,S] in [-1,1]
+    yy, xx = pixel_grid(S)
     # object: a star-shaped region r < R * rho(theta) with area fraction A = pi R^2 / 4 exactly
     kind = torch.randint(4, (B,), generator=g)  # 0 ellipse, 1 polygon, 2 star, 3 blob
     A, rot = U(B, lo=0.15, hi=0.5), U(B, hi=2 * math.pi)

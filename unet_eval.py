@@ -210,8 +210,7 @@ def random_shadows(x, lines=2, p=0.5):
     """Images x [B,3,H,W] in [-1,1], each darkened (x0.7-1) beyond up to `lines` random straight lines,
     each line with probability p: a brightness edge inside an object is then not always its boundary."""
     B, _, H, W = x.shape
-    lin = (torch.arange(H) + 0.5) / H * 2 - 1
-    yy, xx = torch.meshgrid(lin, lin, indexing="ij")
+    yy, xx = ilsgan.pixel_grid(H)
     gain = torch.ones(B, 1, H, W)
     for _ in range(lines):
         angle, offset = torch.rand(B, 1, 1, 1) * 2 * math.pi, torch.rand(B, 1, 1, 1) - 0.5
