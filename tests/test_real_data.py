@@ -169,6 +169,7 @@ def test_bad_token_file_is_reported(cars):
         ilsgan.load_dataset("cars", str(cars), 8, "test")
 
 
+@pytest.mark.slow
 def test_check_data_command(cars):
     r = subprocess.run([sys.executable, str(ROOT / "ilsgan.py"), "--dataset", "cars", "--data-root", str(cars),
                         "--resolution", "16", "--check-data"], capture_output=True, text=True, timeout=120)
@@ -179,6 +180,7 @@ def test_check_data_command(cars):
     assert r.returncode != 0 and "expected layout" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_real_layout_end_to_end_train_then_score(cars, tmp_path):
     import unet_eval
     out = tmp_path / "run"

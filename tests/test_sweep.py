@@ -3,6 +3,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 
@@ -13,6 +15,7 @@ def fake_run(folder, iou):
     (folder / "stats.jsonl").write_text(json.dumps(dict(flags=["swapped"] if iou < 0.5 else [])) + "\n")
 
 
+@pytest.mark.slow
 def test_sweep_table_counts_successes(tmp_path):
     for seed, iou in enumerate([0.9, 0.3, 0.95]):
         fake_run(tmp_path / f"default-seed{seed}", iou)

@@ -74,9 +74,9 @@ def test_unet_smoke_fit_on_a_tiny_checkpoint_writes_results(tiny_run):
     out, _ = tiny_run
     seg = unet_eval.evaluate(unet_eval.EvalConfig(ckpt=str(out), n=128, width=4, iters=30, batch=16,
                                                   val_every=25, device="cpu"))
-    assert 0 <= seg["test"]["iou"] <= 1 and seg["n_test"] == 1000
+    assert seg["n_test"] == 1000 and seg["seg_res"] == 16
     assert {"all foreground", "mean training mask"} <= set(seg["baselines"])
-    assert seg["unet_val"][0]["iter"] == 20
+    assert [h["iter"] for h in seg["unet_val"]] == [20, 25, 30]  # iteration 20, every val_every, the last
     assert 0.1 <= seg["kimg"] < 0.11  # how far the checkpoint trained (tiny: 0.1 kimg in batches of 8)
     results = json.loads((out / "results.json").read_text())
     assert results["segmentation"]["test"] == seg["test"]
@@ -89,24 +89,46 @@ def test_128px_runs_segment_at_64_and_upsample_logits():
     assert pred.shape == (3, 128, 128) and pred.dtype == torch.bool
 
 
-def test_oracle_trains_on_real_masks_and_is_labelled(tiny_run):
+@pytest.mark.slow
+def test_runs_above_seg_res_are_segmented_at_seg_res_and_scored_at_their_own(tmp_path, monkeypatch):
+    """The official 128 px protocol, scaled down: a 32 px run with seg_res 16 trains the U-Net on
+    16 px pairs and scores its upsampled predictions against 32 px masks."""
+    import ilsgan
+    out = ilsgan.train(ilsgan.make_config("tiny", resolution=32, kimg=0.016, out=str(tmp_path / "run"), device="cpu"))
+    seen, train_unet = {}, unet_eval.train_unet
+    monkeypatch.setattr(unet_eval, "train_unet", lambda x, m, ec, dev: seen.update(x=x.shape, m=m.shape) or train_unet(x, m, ec, dev))
+    seg = unet_eval.evaluate(unet_eval.EvalConfig(ckpt=str(out), n=32, width=4, iters=2, batch=8, val_every=2,
+                                                  seg_res=16, device="cpu"))
+    assert seen == dict(x=(32, 3, 16, 16), m=(32, 1, 16, 16))
+    assert seg["seg_res"] == 16 and "segmented at 16px, scored at 32px" in seg["protocol"]
+
+
+@pytest.mark.slow
+def test_oracle_trains_on_real_masks_and_learns_them(tiny_run):
+    """Trained on the benchmark's real masks, the U-Net must segment the test split far better than
+    calling everything foreground: the protocol can learn, and it scores what it learnt."""
     out, _ = tiny_run
-    seg = unet_eval.evaluate(unet_eval.EvalConfig(ckpt=str(out), n=64, width=4, iters=25, batch=16, val_every=25,
+    seg = unet_eval.evaluate(unet_eval.EvalConfig(ckpt=str(out), n=256, width=8, iters=150, batch=32, val_every=50,
                                                   device="cpu", oracle=True))
     assert seg["protocol"].startswith("ORACLE") and (out / "oracle.png").exists()
+    assert seg["test"]["iou"] > seg["baselines"]["all foreground"]["iou"] + 0.2
     assert json.loads((out / "results.json").read_text())["oracle"]["test"] == seg["test"]
 
 
-def test_budget_fills_the_defaults_but_not_the_flags_given():
+def test_preset_fills_the_defaults_but_not_the_flags_given():
+    import ilsgan
+
     def resolved(argv):
-        return unet_eval.run_cli(unet_eval.EvalConfig, "doc", ["--ckpt", "x", "--device", "cpu"] + argv,
-                                 lambda c: (unet_eval.prepare(c, unet_eval.BUDGETS, c.budget), c)[1])
-    cpu = resolved(["--budget", "cpu"])
+        return ilsgan.companion_main(unet_eval.EvalConfig, unet_eval.PRESETS, "doc",
+                                     ["--ckpt", "x", "--device", "cpu"] + argv, lambda c: c)
+    cpu = resolved(["--preset", "cpu"])
     assert (cpu.n, cpu.width, cpu.iters) == (3000, 16, 600)
-    mixed = resolved(["--budget", "cpu", "--n", "10000", "--iters", "50"])  # 10000 is also the default
+    mixed = resolved(["--preset", "cpu", "--n", "10000", "--iters", "50"])  # 10000 is also the default
     assert (mixed.n, mixed.width, mixed.iters) == (10000, 16, 50)
-    assert cpu.flip_rotate and not resolved(["--budget", "cpu", "--no-flip-rotate"]).flip_rotate
-    assert not resolved(["--budget", "official"]).flip_rotate  # the official protocol: colour only
+    assert cpu.flip_rotate and not resolved(["--preset", "cpu", "--no-flip-rotate"]).flip_rotate
+    assert not resolved(["--preset", "official"]).flip_rotate  # the official protocol: colour only
+    assert resolved([]) == cpu  # on a CPU, no --preset means the cpu preset
+    assert ilsgan.preset_name(cpu, unet_eval.PRESETS) == "cpu" and ilsgan.preset_name(mixed, unet_eval.PRESETS) == "custom"
 
 
 def test_flip_rotate_moves_image_and_mask_together():
