@@ -50,6 +50,7 @@ Differences from the official code (qrzou/ILSGAN, a stylegan2-ada-pytorch fork):
 Size budget: about 1,100 lines of code, comments and docstrings not counted.
 """
 import argparse
+import contextlib
 import copy
 import dataclasses
 import inspect
@@ -132,7 +133,8 @@ class Config:
     log_kimg: float = 1.0  # log to stats.jsonl and the bar every this many kimg
     snap_kimg: float = 10.0  # image grid + checkpoint every this many kimg
     channels_last: bool = True  # memory format: faster convolutions on CPU and GPU
-    tf32: bool = True  # allow TF32 matmuls on Ampere+ GPUs
+    amp: str = "auto"  # mixed precision of the networks' convolutions: auto (bf16 on a GPU that has it, else off) | off | bf16 | fp16
+    tf32: bool = False  # allow TF32 matmuls and convolutions on Ampere+ GPUs (official: off)
     fid_n: int = 0  # FID of this many samples at every snapshot; keeps the lowest-FID one as best.pt (0 = off)
     evaluate: bool = True  # after training: U-Net distillation and IoU (unet_eval.py), MINE (mine.py)
     eval_preset: str = "auto"  # preset of unet_eval.py and mine.py: cpu | official | auto (cpu on a CPU)
@@ -167,7 +169,7 @@ def with_overrides(cfg, **overrides):
     """A copy of cfg with the given fields replaced (None = not given); an unknown name is an error."""
     unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cfg)})
     if unknown:
-        raise ValueError(f"unknown config field(s): {', '.join(unknown)}")
+        raise InputError(f"unknown config field(s): {', '.join(unknown)}")
     return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -192,6 +194,55 @@ def given(args, cls):
     """The fields of cls given on the command line, as overrides."""
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name) is not None}
 
+
+class InputError(ValueError):
+    """A problem with what was given (flags, files, folders): the scripts print it as `error: ...`."""
+
+
+def check(cfg, positive=(), nonneg=(), choices=None, rules=()):
+    """Raise InputError naming every field out of range (one line each) before any work is done.
+    rules: (field, ok, what it must be) for the conditions that need more than a sign or a list."""
+    rules = [*[(f, getattr(cfg, f) > 0, "positive") for f in positive],
+             *[(f, getattr(cfg, f) >= 0, "0 or more") for f in nonneg],
+             *[(f, getattr(cfg, f) in c, "one of " + " | ".join(c)) for f, c in (choices or {}).items()], *rules]
+    bad = [f"--{f.replace('_', '-')} {getattr(cfg, f)!r}: must be {what}" for f, ok, what in rules if not ok]
+    if bad:
+        raise InputError("invalid settings:\n  " + "\n  ".join(bad))
+
+
+def check_device(name):
+    """A device name that parses and exists here -> the torch.device."""
+    try:
+        dev = pick_device(name)
+    except RuntimeError:
+        raise InputError(f"--device {name!r}: not a device name (auto | cpu | cuda | cuda:N)") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise InputError(f"--device {name}: PyTorch sees {torch.cuda.device_count() if torch.cuda.is_available() else 'no'}"
+                         " CUDA GPU here; use --device cpu (or auto)")
+    return dev
+
+
+def check_config(cfg):
+    """Config's ranges, choices and combinations (see check)."""
+    per_process = cfg.batch // int(os.environ.get("WORLD_SIZE", "1"))
+    root_ok = cfg.dataset == "synthetic" or Path(cfg.data_root).expanduser().is_dir()
+    check(cfg, positive=("n_train", "z_dim", "w_dim", "map_layers", "channel_max", "mbstd_group", "batch", "kimg",
+                         "lr", "r1_interval", "g_reg_interval", "ada_interval", "ada_kimg", "log_kimg", "snap_kimg"),
+          nonneg=("ema_kimg", "ema_rampup", "shift", "eta", "lambda_m", "lambda_b", "lambda_ils", "ils_warmup",
+                  "ils_warmup_weight", "lambda_guard", "mask_max", "mask_spread", "mask_spread_max", "lambda_border",
+                  "border_margin", "fid_n"),
+          choices=dict(dataset=tuple(LAYOUTS) + ("synthetic",), ils=("mi", "l1", "none"), ils_dist=("laplace", "gaussian"),
+                       amp=("auto", "off", "bf16", "fp16"), eval_preset=("auto", "cpu", "official", "tiny")),
+          rules=[("resolution", cfg.resolution >= 16 and cfg.resolution & (cfg.resolution - 1) == 0, "a power of two, 16 or more"),
+                 ("channel_base", cfg.channel_base >= cfg.resolution, f"at least --resolution ({cfg.resolution})"),
+                 ("batch", per_process >= 1 and per_process % min(cfg.mbstd_group, per_process) == 0,
+                  f"a multiple of the minibatch-stddev group --mbstd-group {cfg.mbstd_group}, per process"),
+                 ("beta2", 0 <= cfg.beta2 < 1, "in [0, 1)"), ("shift", cfg.shift < 0.5, "below 0.5"),
+                 ("r1_gamma", cfg.r1_gamma >= 0 or cfg.r1_gamma == -1, "0 or more, or -1 (the official automatic value)"),
+                 ("fid_n", cfg.fid_n != 1, "0 (off) or 2 or more"),
+                 ("data_root", root_ok, f"an existing folder holding the {cfg.dataset} layout (see --check-data)")])
+    check_device(cfg.device)
+
 # ----------------------------------------------------------------------------------------------
 # 2. Building blocks: equalised learning rate (StyleGAN), weights scaled at run time
 # ----------------------------------------------------------------------------------------------
@@ -211,6 +262,29 @@ class EqualLinear(nn.Module):
         return F.leaky_relu(x, 0.2) * math.sqrt(2) if self.act else x
 
 
+CONV_CLAMP = 256  # official (conv_clamp): conv outputs are clamped to +-256 (times the activation gain)
+
+
+def full_precision(t):
+    """A region where autocast is off, for the few computations that mixed precision would spoil."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
+FIR = torch.tensor([1.0, 3.0, 3.0, 1.0])  # StyleGAN2's resampling filter (outer product with itself in 2-D)
+
+
+def fir_kernel(channels, gain, like):
+    """The [1,3,3,1] x [1,3,3,1] filter summing to `gain`, one per channel: [C,1,4,4]."""
+    k = torch.outer(FIR, FIR)
+    return (k * gain / k.sum()).to(like)[None, None].expand(channels, 1, 4, 4)
+
+
+def upsample2d(x):
+    """x2 upsampling as StyleGAN2: zeros between the pixels, then the [1,3,3,1] filter with gain 4,
+    as one depthwise transposed conv. [B,C,H,W] -> [B,C,2H,2W]."""
+    return F.conv_transpose2d(x, fir_kernel(x.shape[1], 4, x), stride=2, padding=1, groups=x.shape[1])
+
+
 class EqualConv2d(nn.Module):
     """Equalised-lr conv, optional 2x downsampling (2x2 box filter) before it, lrelu * sqrt(2) after."""
 
@@ -224,30 +298,42 @@ class EqualConv2d(nn.Module):
         if self.down:
             x = F.avg_pool2d(x, 2)
         x = F.conv2d(x, self.weight * self.scale, self.bias, padding=self.weight.shape[-1] // 2)
-        return F.leaky_relu(x, 0.2) * math.sqrt(2) if self.act else x
+        if not self.act:
+            return x
+        return (F.leaky_relu(x, 0.2) * math.sqrt(2)).clamp(-CONV_CLAMP * math.sqrt(2), CONV_CLAMP * math.sqrt(2))
 
 
-def modulated_conv2d(x, weight, styles, demodulate=True, fused=True):
-    """StyleGAN2 modulated convolution. x [B,I,H,W], weight [O,I,k,k], styles [B,I] -> [B,O,H,W].
+def modulated_conv2d(x, weight, styles, demodulate=True, fused=True, up=False):
+    """StyleGAN2 modulated convolution. x [B,I,H,W], weight [O,I,k,k], styles [B,I] -> [B,O,H,W]
+    ([B,O,2H,2W] with up=True).
 
     fused=True: one grouped conv with per-sample weights w'_oik = w_oik * s_i (the paper's form).
     fused=False: the same numbers as conv(x * s, w) * d, one shared-weight conv for the whole batch,
     which stock StyleGAN2-ADA uses while training; much faster on CPU.
+    up=True: x2 upsampling as StyleGAN2 does it, a transposed conv with stride 2 at the input
+    resolution and then the [1,3,3,1] blur: a quarter of the work of a conv at the doubled resolution.
     """
     B, I, H, W = x.shape
     O, _, k, _ = weight.shape
     # demodulation d_bo = 1 / sqrt(sum_ik (w_oik s_bi)^2 + eps) = 1 / sqrt(sum_i s_bi^2 sum_k w_oik^2 + eps):
     # one [B,I] x [I,O] product instead of building the [B,O,I,k,k] weights (the cpu preset: 14% faster)
-    d = torch.rsqrt(styles.square() @ weight.square().sum(dim=[2, 3]).T + 1e-8) if demodulate else None  # [B,O]
-    if not fused:
-        x = F.conv2d(x * styles[:, :, None, None], weight, padding=k // 2)
-        return x * d[:, :, None, None] if demodulate else x
-    w = weight[None] * styles[:, None, :, None, None]  # [B,O,I,k,k]  modulate
-    if demodulate:  # w'' = w' / sqrt(sum w'^2 + eps), per output channel
-        w = w * d[:, :, None, None, None]
-    x = x.reshape(1, B * I, H, W)  # every sample its own group
-    x = F.conv2d(x, w.reshape(B * O, I, k, k), padding=k // 2, groups=B)
-    return x.reshape(B, O, H, W)
+    with full_precision(x):
+        d = torch.rsqrt(styles.square() @ weight.square().sum(dim=[2, 3]).T + 1e-8) if demodulate else None  # [B,O]
+    if fused:
+        w = weight[None] * styles[:, None, :, None, None]  # [B,O,I,k,k]  modulate
+        if demodulate:  # w'' = w' / sqrt(sum w'^2 + eps), per output channel
+            w = w * d[:, :, None, None, None]
+        x = x.reshape(1, B * I, H, W)  # every sample its own group
+        if up:  # conv_transpose2d weights are [in, out, k, k]
+            x = F.conv_transpose2d(x, w.transpose(1, 2).reshape(B * I, O, k, k), stride=2, groups=B)
+        else:
+            x = F.conv2d(x, w.reshape(B * O, I, k, k), padding=k // 2, groups=B)
+        x = x.reshape(B, O, *x.shape[2:])
+    else:
+        x = x * styles[:, :, None, None]
+        x = F.conv_transpose2d(x, weight.transpose(0, 1), stride=2) if up else F.conv2d(x, weight, padding=k // 2)
+        x = x * d[:, :, None, None] if demodulate else x
+    return F.conv2d(x, fir_kernel(O, 4, x), padding=1, groups=O) if up else x  # [B,O,2H+1,2W+1] -> [B,O,2H,2W]
 
 
 class ModulatedConv2d(nn.Module):
@@ -262,12 +348,12 @@ class ModulatedConv2d(nn.Module):
         self.scale, self.up = 1 / math.sqrt(cin * 9), up
 
     def forward(self, x, w):
-        if self.up:
-            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
-        x = modulated_conv2d(x, self.weight * self.scale, self.affine(w), fused=not self.training)
+        with full_precision(w):
+            styles = self.affine(w)
+        x = modulated_conv2d(x, self.weight * self.scale, styles, fused=not self.training, up=self.up)
         noise = torch.randn(x.shape[0], 1, x.shape[2], x.shape[3], device=x.device, dtype=x.dtype)
         x = x + noise * self.noise_strength + self.bias[None, :, None, None]
-        return F.leaky_relu(x, 0.2) * math.sqrt(2)
+        return (F.leaky_relu(x, 0.2) * math.sqrt(2)).clamp(-CONV_CLAMP * math.sqrt(2), CONV_CLAMP * math.sqrt(2))
 
 
 class ToRGB(nn.Module):
@@ -281,8 +367,10 @@ class ToRGB(nn.Module):
         self.scale = 1 / math.sqrt(cin)
 
     def forward(self, x, w):
-        x = modulated_conv2d(x, self.weight, self.affine(w) * self.scale, demodulate=False, fused=not self.training)
-        return x + self.bias[None, :, None, None]
+        with full_precision(w):
+            styles = self.affine(w) * self.scale
+        x = modulated_conv2d(x, self.weight, styles, demodulate=False, fused=not self.training)
+        return (x + self.bias[None, :, None, None]).clamp(-CONV_CLAMP, CONV_CLAMP)
 
 
 def channels_at(res, cfg):
@@ -308,7 +396,7 @@ class MappingNetwork(nn.Module):
 
 
 class SynthesisNetwork(nn.Module):
-    """StyleGAN2 'skip' synthesis: const 4x4 -> (up, conv, conv) per resolution; ToRGB summed."""
+    """StyleGAN2 'skip' synthesis: const 4x4 -> (up-conv, conv) per resolution; ToRGB outputs upsampled and summed."""
 
     def __init__(self, cfg, img_channels):
         super().__init__()
@@ -329,7 +417,7 @@ class SynthesisNetwork(nn.Module):
         img = self.torgbs[0](x, w)
         for i, torgb in enumerate(self.torgbs[1:]):
             x = self.convs[2 * i + 2](self.convs[2 * i + 1](x, w), w)
-            img = F.interpolate(img, scale_factor=2, mode="bilinear", align_corners=False) + torgb(x, w)
+            img = upsample2d(img) + torgb(x, w).float()
         return img
 
 
@@ -345,9 +433,11 @@ class Generator(nn.Module):
         self.synthesis_bg = SynthesisNetwork(cfg, img_channels=3)
 
     def forward(self, z):
-        """z [B,z_dim] -> f [B,3,H,W], b [B,3,H,W], m [B,1,H,W] in (0,1). RGB is unbounded (official)."""
-        fm = self.synthesis_fg(self.mapping_fg(z))
-        b = self.synthesis_bg(self.mapping_bg(z))
+        """z [B,z_dim] -> f [B,3,H,W], b [B,3,H,W], m [B,1,H,W] in (0,1), float32 also under autocast.
+        RGB is unbounded (official)."""
+        with full_precision(z):  # official: the mapping networks always run in full precision
+            w_fg, w_bg = self.mapping_fg(z), self.mapping_bg(z)
+        fm, b = self.synthesis_fg(w_fg), self.synthesis_bg(w_bg)
         return fm[:, :3], b, torch.sigmoid(fm[:, 3:])
 
 
@@ -429,9 +519,12 @@ class Discriminator(nn.Module):
         self.out = EqualLinear(c4, 1)
 
     def forward(self, x):
+        """Under autocast, the convolutions above 4x4 run in reduced precision and the rest in full
+        precision (official: the 4x4 epilogue is never fp16). -> float32 logits [B]."""
         x = self.blocks(self.fromrgb(x))  # [B,c4,4,4]
-        x = self.conv(minibatch_stddev(x, self.group))
-        return self.out(self.fc(x.flatten(1))).squeeze(1)
+        with full_precision(x):
+            x = self.conv(minibatch_stddev(x.to(self.out.weight.dtype), self.group))
+            return self.out(self.fc(x.flatten(1))).squeeze(1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -467,7 +560,7 @@ def _augment_geometric(x, p, fire, gauss):
     G = G @ _trans3(torch.round(t[0] * W / 2) * 2 / W, torch.round(t[1] * H / 2) * 2 / H)
     scale = torch.exp2(gauss(0.2) * fire())
     G = G @ _diag3(scale, scale)  # isotropic scale
-    p_rot = 1 - math.sqrt(1 - min(p, 1.0))
+    p_rot = 1 - torch.sqrt(1 - p.clamp(max=1))
     G = G @ _rot2d((torch.rand(B, device=dev) * 2 - 1) * math.pi * fire(p_rot))  # pre-rotation
     scale = torch.exp2(gauss(0.2) * fire())
     G = G @ _diag3(scale, 1 / scale)  # anisotropic scale
@@ -475,8 +568,35 @@ def _augment_geometric(x, p, fire, gauss):
     G = G @ _trans3(gauss(0.125) * 2 * fire(), gauss(0.125) * 2 * fire())  # fractional translation
     # stock G maps output->input in pixel units; with square images normalised units are the same
     grid = F.affine_grid(G[:, :2, :], [B, 3, H, W], align_corners=False)
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-    return x
+    return GridSample.apply(x, grid)
+
+
+class GridSample(torch.autograd.Function):
+    """official (grid_sample_gradfix): bilinear grid_sample with reflection padding whose backward can
+    be differentiated again, as R1 through ADA needs; PyTorch 2.1 to 2.9 lack that derivative ("derivative
+    for aten::grid_sampler_2d_backward is not implemented"; 2.14 has it). The grid gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, x, grid):
+        ctx.save_for_backward(x, grid)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return GridSampleBackward.apply(grad, *ctx.saved_tensors), None
+
+
+class GridSampleBackward(torch.autograd.Function):
+    """grad -> A^T grad, for the linear sampling x -> A x; its own backward is A, grid_sample again."""
+
+    @staticmethod
+    def forward(ctx, grad, x, grid):
+        ctx.save_for_backward(grid)  # modes: 0 = bilinear, 2 = reflection padding; no grid gradient
+        return torch.ops.aten.grid_sampler_2d_backward(grad, x, grid, 0, 2, False, [True, False])[0]
+
+    @staticmethod
+    def backward(ctx, grad2):
+        return GridSample.apply(grad2, ctx.saved_tensors[0]), None, None
 
 
 def augment(x, p, geometric=True):
@@ -485,15 +605,22 @@ def augment(x, p, geometric=True):
     Each op fires independently per sample with probability p (rotation: 1-sqrt(1-p), twice).
     Geometric ops compose into one affine matrix and one grid_sample (reflection padding);
     colour ops compose into one 4x4 matrix, as in stock augment.py. geometric=False: colour only
-    (the official U-Net training uses that with p = 0.5).
+    (the official U-Net training uses that with p = 0.5). p is a float or a 0-d tensor: training
+    keeps it on the device, so reading it never waits for the GPU; a sample on which no op fires
+    comes back exactly as it went in.
     """
-    if p <= 0:
+    if not torch.is_tensor(p) and p <= 0:
         return x
     B, _, H, W = x.shape
-    dev = x.device
+    dev, x_in = x.device, x
+    p = torch.as_tensor(p, dtype=x.dtype, device=dev)
+    fired = torch.zeros(B, dtype=torch.bool, device=dev)
 
     def fire(q=p):  # [B] bool: does this op fire for each sample
-        return torch.rand(B, device=dev) < q
+        nonlocal fired
+        f = torch.rand(B, device=dev) < q
+        fired = fired | f
+        return f
 
     def gauss(std):
         return torch.randn(B, device=dev) * std
@@ -521,13 +648,14 @@ def augment(x, p, geometric=True):
     sat = torch.exp2(gauss(1.0) * fire())  # saturation: v v^T + (I - v v^T) * sat
     C = (vv + (I4 - vv) * sat[:, None, None]) @ C
     x = torch.einsum("bij,bjhw->bihw", C[:, :3, :3], x) + C[:, :3, 3, None, None]
-    return x
+    return torch.where(fired[:, None, None, None], x, x_in)
 
 
 def ada_adjust(p, sign_mean, target, batch, interval, ada_kimg):
-    """ADA controller: p += sign(r_t - target) * (images per adjustment) / (images for 0 -> 1)."""
-    p = p + math.copysign(1, sign_mean - target) * batch * interval / (ada_kimg * 1000)
-    return min(max(p, 0.0), 1.0)  # official clamps only at 0; p > 1 has no meaning
+    """ADA controller: p += sign(r_t - target) * (images per adjustment) / (images for 0 -> 1).
+    p, sign_mean: 0-d tensors -> the new p."""
+    p = p + torch.sign(sign_mean - target) * (batch * interval / (ada_kimg * 1000))
+    return p.clamp(0, 1)  # official clamps only at 0; p > 1 has no meaning
 
 
 # ----------------------------------------------------------------------------------------------
@@ -711,6 +839,22 @@ def r1_gamma(cfg):
     return cfg.r1_gamma if cfg.r1_gamma >= 0 else 0.0002 * cfg.resolution**2 / cfg.batch
 
 
+CHECKPOINT_FORMAT = 2  # 2: StyleGAN2 upsampling, ADA p on the device; earlier checkpoints do not load
+
+
+def mixed_precision(amp, dev):
+    """autocast for the networks' forward passes: 'bf16' or 'fp16', or a no-op for 'off'."""
+    amp = resolve_amp(amp, dev)
+    return torch.autocast(dev.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16, enabled=amp != "off")
+
+
+def resolve_amp(amp, dev):
+    """'auto': bf16 on a GPU that supports it, off elsewhere."""
+    if amp != "auto":
+        return amp
+    return "bf16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
+
+
 class State:
     """Everything training changes: networks, optimisers, ADA p, progress. Saved whole."""
 
@@ -727,42 +871,49 @@ class State:
             return torch.optim.Adam(params, lr=cfg.lr * k, betas=(0.0, cfg.beta2**k), eps=1e-8)
 
         self.opt_G, self.opt_D = adam(self.G.parameters(), cfg.g_reg_interval), adam(self.D.parameters(), cfg.r1_interval)
-        self.ada_p, self.ada_sum, self.ada_n = 0.0, 0.0, 0
+        # fp16 only: loss scaling against gradients that underflow (a no-op for bf16 and fp32)
+        self.scaler_G, self.scaler_D = (torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16") for _ in "GD")
+        self.ada_p = torch.zeros([], device=device)  # on the device: no step waits to read it
+        self.ada_sum, self.ada_n = torch.zeros([], device=device), 0  # sum and count of sign(D(x_real))
         self.nimg, self.step = 0, 0  # images shown to D (over all processes), iterations done
 
     def state_dict(self):
         return dict(G=self.G.state_dict(), D=self.D.state_dict(), G_ema=self.G_ema.state_dict(),
-                    opt_G=self.opt_G.state_dict(), opt_D=self.opt_D.state_dict(), ada_p=self.ada_p,
+                    opt_G=self.opt_G.state_dict(), opt_D=self.opt_D.state_dict(),
+                    scaler_G=self.scaler_G.state_dict(), scaler_D=self.scaler_D.state_dict(), ada_p=self.ada_p,
                     ada_sum=self.ada_sum, ada_n=self.ada_n, nimg=self.nimg, step=self.step)
 
     def load_state_dict(self, sd):
-        for k in ("G", "D", "G_ema", "opt_G", "opt_D"):
+        for k in ("G", "D", "G_ema", "opt_G", "opt_D", "scaler_G", "scaler_D"):
             getattr(self, k).load_state_dict(sd[k])
-        self.ada_p, self.ada_sum, self.ada_n = sd["ada_p"], sd["ada_sum"], sd["ada_n"]
+        dev = self.ada_p.device
+        self.ada_p, self.ada_sum, self.ada_n = sd["ada_p"].to(dev), sd["ada_sum"].to(dev), sd["ada_n"]
         self.nimg, self.step = sd["nimg"], sd["step"]
 
 
-def optimizer_step(opt, loss, params):
-    """Backward, average the gradients over processes, and step."""
+def optimizer_step(opt, scaler, loss, params):
+    """Backward, average the gradients over processes, and step (with fp16's loss scaling)."""
     params = list(params)
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    scaler.scale(loss).backward()
     all_mean_grads(params)
+    scaler.unscale_(opt)
     for p in params:  # official: nan_to_num on gradients before every step
         if p.grad is not None:
             torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
-    opt.step()
+    scaler.step(opt)  # fp16: skipped if a gradient overflowed, and the scale lowered
+    scaler.update()
 
 
 def watch_stats(m, x_fake, x_real):
     """ours: the generator's own statistics that reveal known failures (no ground truth needed)."""
     q = m.shape[-1] // 4
-    return dict(mask_area=m.mean().item(),
-                mask_binary=torch.minimum(m, 1 - m).mean().item(),  # 0 = perfectly binary
-                mask_border=border_loss(m).item(),  # the border prior's band
-                mask_centre=m[..., q:-q, q:-q].mean().item(),
-                mask_spread=mask_spread(m).item(),  # 0 = the same mask for every z
-                diversity=(x_fake.std(0).mean() / x_real.std(0).mean().clamp(min=1e-8)).item())
+    return dict(mask_area=m.mean(),
+                mask_binary=torch.minimum(m, 1 - m).mean(),  # 0 = perfectly binary
+                mask_border=border_loss(m),  # the border prior's band
+                mask_centre=m[..., q:-q, q:-q].mean(),
+                mask_spread=mask_spread(m),  # 0 = the same mask for every z
+                diversity=x_fake.std(0).mean() / x_real.std(0).mean().clamp(min=1e-8))
 
 
 def collapse_flags(st):
@@ -783,18 +934,28 @@ def collapse_flags(st):
 
 def train_step(state, x_real, cfg):
     """One iteration: G step, D step, lazy R1, EMA, ADA. x_real [B,3,H,W] in [-1,1], B = this
-    process's share of cfg.batch. -> dict of statistics."""
+    process's share of cfg.batch. -> dict of statistics as 0-d tensors on the device: nothing here
+    waits for the GPU, and the training loop reads them once per log step."""
     B, res, dev = x_real.shape[0], cfg.resolution, x_real.device
     G, D = state.G, state.D
     if cfg.channels_last:
         x_real = x_real.contiguous(memory_format=torch.channels_last)
 
+    def generate():  # f, b, m in float32; the convolutions in cfg.amp precision
+        with mixed_precision(cfg.amp, dev):
+            return G(torch.randn(B, cfg.z_dim, device=dev))
+
+    def discriminate(x):  # D(A(x)): ADA in float32, the convolutions in cfg.amp precision
+        x = augment(x, state.ada_p)
+        with mixed_precision(cfg.amp, dev):
+            return D(x)
+
     # G step: minimize softplus(-D(A(x'))) + lambda_m L_m(m') + lambda_b L_b(m') + lambda_ils L_ILS(f, b, m)
     G.requires_grad_(True)
     D.requires_grad_(False)
-    f, b, m = G(torch.randn(B, cfg.z_dim, device=dev))
+    f, b, m = generate()
     x_fake, _, m_s = perturbed_composite(f, b, m, *random_shifts(B, res, cfg.shift, dev))
-    loss_adv = g_adversarial_loss(D(augment(x_fake, state.ada_p)))
+    loss_adv = g_adversarial_loss(discriminate(x_fake))
     loss_m, loss_b = mask_area_loss(m_s, cfg.eta), binarization_loss(m_s)  # official: on shifted m'
     if cfg.ils == "mi":  # official: ILS on the unshifted layers
         loss_ils = ils_mi_loss(f, b, m, cfg.ils_separate, cfg.ils_opt_vis, cfg.ils_opt_mask, cfg.ils_dist)
@@ -805,32 +966,31 @@ def train_step(state, x_real, cfg):
     w_ils = ils_weight(state.nimg / 1000, cfg)
     loss_G = loss_adv + cfg.lambda_m * loss_m + cfg.lambda_b * loss_b + w_ils * loss_ils  # Eq. (5)
     loss_G = loss_G + guard_loss(m, m_s, cfg)  # ours: 0 in the paper presets
-    check_finite(loss_G, "G", state.step)
-    optimizer_step(state.opt_G, loss_G, G.parameters())
+    optimizer_step(state.opt_G, state.scaler_G, loss_G, G.parameters())
     stats = watch_stats(m.detach(), x_fake.detach(), x_real)
 
     # D step: minimize softplus(D(A(x'_fake))) + softplus(-D(A(x_real)))
     G.requires_grad_(False)
     D.requires_grad_(True)
     with torch.no_grad():
-        f, b, m = G(torch.randn(B, cfg.z_dim, device=dev))
+        f, b, m = generate()
         x_fake, _, _ = perturbed_composite(f, b, m, *random_shifts(B, res, cfg.shift, dev))
-    d_fake, d_real = D(augment(x_fake, state.ada_p)), D(augment(x_real, state.ada_p))
+    d_fake, d_real = discriminate(x_fake), discriminate(x_real)
     loss_D = d_adversarial_loss(d_real, d_fake)
-    check_finite(loss_D, "D", state.step)
-    optimizer_step(state.opt_D, loss_D, D.parameters())
+    optimizer_step(state.opt_D, state.scaler_D, loss_D, D.parameters())
     signs = [d_real.detach().sign()]
 
     # D reg step, every r1_interval steps: minimize (gamma / 2) * ||grad_x D(A(x_real))||^2 * interval
-    r1 = None
     if state.step % cfg.r1_interval == 0:
         x = x_real.detach().requires_grad_(True)
-        d = D(augment(x, state.ada_p))
+        d = D(augment(x, state.ada_p))  # in full precision: R1 is a gradient of D, differentiated again
         r1 = r1_penalty(d, x)
         # official: `d.mean() * 0` keeps D's output in the graph, so that every D parameter gets a
         # gradient (zero where R1 does not reach, e.g. the last bias): Adam then steps all alike
-        optimizer_step(state.opt_D, r1 * (r1_gamma(cfg) / 2) * cfg.r1_interval + d.mean() * 0, D.parameters())
+        optimizer_step(state.opt_D, state.scaler_D, r1 * (r1_gamma(cfg) / 2) * cfg.r1_interval + d.mean() * 0,
+                       D.parameters())
         signs.append(d.detach().sign())
+        stats["r1"] = r1.detach()
 
     # G_ema: half-life ema_kimg, ramped up with the images seen so far
     ema_nimg = min(cfg.ema_kimg * 1000, state.nimg * cfg.ema_rampup)
@@ -842,28 +1002,34 @@ def train_step(state, x_real, cfg):
 
     # ADA: p follows r_t = E[sign(D(x_real))] toward the target
     signs = torch.cat(signs)
-    state.ada_sum, state.ada_n = state.ada_sum + signs.sum().item(), state.ada_n + signs.numel()
+    state.ada_sum, state.ada_n = state.ada_sum + signs.sum(), state.ada_n + signs.numel()
     if cfg.augment and state.step % cfg.ada_interval == 0:
-        r_sum, r_n = all_mean(torch.tensor([state.ada_sum, state.ada_n], dtype=torch.float64, device=dev)).tolist()
-        state.ada_p = ada_adjust(state.ada_p, r_sum / r_n, cfg.ada_target, cfg.batch, cfg.ada_interval, cfg.ada_kimg)
-        state.ada_sum, state.ada_n = 0.0, 0
+        r_t = all_mean(state.ada_sum.clone()) / state.ada_n  # every process counts the same number
+        state.ada_p = ada_adjust(state.ada_p, r_t, cfg.ada_target, cfg.batch, cfg.ada_interval, cfg.ada_kimg)
+        state.ada_sum, state.ada_n = torch.zeros_like(state.ada_sum), 0
 
-    stats.update(loss_G=loss_G.item(), loss_adv=loss_adv.item(), loss_m=loss_m.item(), loss_b=loss_b.item(),
-                 loss_ils=loss_ils.item(), w_ils=w_ils, loss_D=loss_D.item(), d_real=d_real.mean().item(),
-                 d_fake=d_fake.mean().item(), ada_p=state.ada_p)
-    if r1 is not None:
-        stats["r1"] = r1.item()
+    stats.update(loss_G=loss_G.detach(), loss_adv=loss_adv.detach(), loss_m=loss_m.detach(), loss_b=loss_b.detach(),
+                 loss_ils=loss_ils.detach(), w_ils=w_ils, loss_D=loss_D.detach(), d_real=d_real.detach().mean(),
+                 d_fake=d_fake.detach().mean(), ada_p=state.ada_p)
     return stats
 
 
-def train(cfg, ckpt=None):
-    """Train a run, or continue one from its checkpoint dict; returns the run folder."""
-    from tqdm import tqdm
+def train(cfg, ckpt=None, overwrite=False):
+    """Train a run, or continue one from its checkpoint dict; returns the run folder, which belongs to
+    this run (claim_run_folder) and is locked against other processes while it trains."""
     dev = init_processes(cfg)  # joins torchrun's process group when launched by it
+    out, writer = Path(cfg.out), world()[0] == 0  # process 0 alone writes the run folder
+    if writer:
+        claim_run_folder(out, ckpt is not None, overwrite)
+    with folder_lock(out) if writer else contextlib.nullcontext():
+        return training_loop(cfg, ckpt, dev, out)
+
+
+def training_loop(cfg, ckpt, dev, out):
+    from tqdm import tqdm
     rank, n_proc = world()
     setup_device(dev, cfg.tf32)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    cfg = with_overrides(cfg, amp=resolve_amp(cfg.amp, dev))
     data = load_dataset(cfg.dataset, cfg.data_root, cfg.resolution, "train", cfg.n_train, cfg.bgr)[0].to(dev)
     state = State(cfg, dev)
     if ckpt is not None:
@@ -871,16 +1037,16 @@ def train(cfg, ckpt=None):
         torch.set_rng_state(ckpt["rng_cpu"])
         if dev.type == "cuda" and ckpt["rng_cuda"]:
             torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
-        print(f"resumed at {state.nimg / 1000:.1f} kimg (ada p {state.ada_p:.3f})")
+        print(f"resumed at {state.nimg / 1000:.1f} kimg (ada p {state.ada_p.item():.3f})")
     if rank > 0:  # same networks everywhere, but each process its own images, latents and noise
         torch.manual_seed(cfg.seed + 7919 * rank + state.step)
-    writer = rank == 0  # process 0 alone writes the run folder
+    writer = rank == 0
     if writer:
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
         n_g, n_d = (sum(p.numel() for p in net.parameters()) for net in (state.G, state.D))
         print(f"G {n_g / 1e6:.2f} M parameters (fg + bg), D {n_d / 1e6:.2f} M | {len(data)} training images "
               f"at {cfg.resolution}px | device {dev}" + (f" x {n_proc} processes" if n_proc > 1 else "")
-              + f" | run folder {out}")
+              + f", mixed precision {cfg.amp} | run folder {out}")
     grid_z = torch.randn(8, cfg.z_dim, generator=torch.Generator().manual_seed(cfg.seed)).to(dev)
     fid_net = inception_network(dev) if cfg.fid_n > 0 and writer else None  # official: FID at every snapshot
     real_stats = real_fid_stats(fid_net, data, cfg) if fid_net is not None else None
@@ -889,22 +1055,28 @@ def train(cfg, ckpt=None):
                disable=not writer)
     while state.nimg < total:
         x_real = to_float(data[torch.randint(len(data), (cfg.batch // n_proc,), device=dev)])
-        try:
-            stats = train_step(state, x_real, cfg)
-        except NonFiniteLoss as e:
-            bar.close()
-            raise NonFiniteLoss(f"{e}. Training stopped; the last good checkpoint is {out / 'checkpoint.pt'}") from None
+        stats = train_step(state, x_real, cfg)
         bar.update(cfg.batch)
-        for k, v in stats.items():
-            acc.setdefault(k, []).append(v)
+        for k, v in stats.items():  # sums and counts, still on the device
+            acc[k] = (acc[k][0] + v, acc[k][1] + 1) if k in acc else (v, 1)
         done = state.nimg >= total
-        if writer and (done or crossed(state.nimg, cfg.batch, cfg.log_kimg)):
-            rec = log_record(out, acc, state, t0, n0)
+        log_now = done or crossed(state.nimg, cfg.batch, cfg.log_kimg)
+        snap_now = done or crossed(state.nimg, cfg.batch, cfg.snap_kimg)
+        if not (log_now or snap_now):
+            continue
+        rec = read_stats(acc)  # the loop's one wait for the device, and its non-finite check
+        check_finite(rec, state, out, bar)
+        if writer and log_now:
+            rec.update(kimg=state.nimg / 1000, step=state.step, sec=time.time() - t0,
+                       kimg_per_s=(state.nimg - n0) / 1000 / (time.time() - t0), flags=collapse_flags(rec))
+            with open(out / "stats.jsonl", "a") as fh:
+                fh.write(json.dumps(rec) + "\n")
             bar.set_postfix_str(f"G {rec['loss_G']:.2f} D {rec['loss_D']:.2f} ILS {rec['loss_ils']:+.3f} "
-                                f"p {state.ada_p:.2f} area {rec['mask_area']:.2f} bin {rec['mask_binary']:.2f} "
+                                f"p {rec['ada_p']:.2f} area {rec['mask_area']:.2f} bin {rec['mask_binary']:.2f} "
                                 + (" ".join(f"!{fl}" for fl in rec["flags"]) or "ok"))
+        if log_now:
             acc = {}
-        if writer and (done or crossed(state.nimg, cfg.batch, cfg.snap_kimg)):
+        if writer and snap_now:
             message = snapshot(state, cfg, out, grid_z, fid_net, real_stats)
             if message:
                 bar.write(message)
@@ -919,14 +1091,26 @@ def crossed(nimg, batch, every_kimg):
     return nimg // n > (nimg - batch) // n
 
 
-def log_record(out, acc, state, t0, n0):
-    """Average the statistics since the last log line, add progress and flags, append to stats.jsonl."""
-    rec = {k: float(np.mean(v)) for k, v in acc.items()}
-    rec.update(kimg=state.nimg / 1000, step=state.step, sec=time.time() - t0,
-               kimg_per_s=(state.nimg - n0) / 1000 / (time.time() - t0), flags=collapse_flags(rec))
-    with open(out / "stats.jsonl", "a") as fh:
-        fh.write(json.dumps(rec) + "\n")
+def read_stats(acc):
+    """{name: (sum, count)} -> {name: mean} as Python floats, reading the device once."""
+    names = [k for k, (v, _) in acc.items() if torch.is_tensor(v)]
+    values = torch.stack([acc[k][0].double() for k in names]).tolist() if names else []
+    rec = {k: (values[names.index(k)] if k in names else v) / n for k, (v, n) in acc.items()}
     return rec
+
+
+def check_finite(rec, state, out, bar):
+    """Stop every process at once when any of them saw a non-finite loss since the last check; the
+    checkpoint on disk is then the last good one (checkpoints are written only after this check)."""
+    bad = [k for k in ("loss_G", "loss_D", "r1") if k in rec and not math.isfinite(rec[k])]
+    if all_mean(torch.tensor([float(len(bad))], device=state.ada_p.device)).item() == 0:
+        return
+    bar.close()
+    last = out / "checkpoint.pt"
+    kept = (f"the last good checkpoint is {last} ({torch.load(last, weights_only=True)['state']['nimg'] / 1000:.1f} kimg)"
+            if last.is_file() else "no checkpoint had been written yet")
+    raise NonFiniteLoss(f"{', '.join(bad) or 'a loss'} became non-finite before step {state.step} "
+                        f"({state.nimg / 1000:.1f} kimg). Training stopped; {kept}")
 
 
 def snapshot(state, cfg, out, grid_z, fid_net, real_stats):
@@ -940,8 +1124,8 @@ def snapshot(state, cfg, out, grid_z, fid_net, real_stats):
     with open(out / "fid.jsonl", "a") as fh:
         fh.write(json.dumps(dict(kimg=state.nimg / 1000, fid=value, n=cfg.fid_n)) + "\n")
     if value <= min(earlier, default=math.inf):  # the checkpoint just written, copied atomically
-        shutil.copyfile(out / "checkpoint.pt", out / "best.pt.tmp")
-        os.replace(out / "best.pt.tmp", out / "best.pt")
+        shutil.copyfile(out / "checkpoint.pt", out / f"best.pt.{os.getpid()}.tmp")
+        os.replace(out / f"best.pt.{os.getpid()}.tmp", out / "best.pt")
     return f"kimg {state.nimg / 1000:.1f}: FID {value:.2f} (best {min(earlier + [value]):.2f})"
 
 
@@ -980,9 +1164,9 @@ def save_grid(G, z, path):
 
 def save_checkpoint(path, state, cfg):
     """Atomic: write a temporary file, then rename over the old checkpoint."""
-    ckpt = dict(state=state.state_dict(), config=dataclasses.asdict(cfg), rng_cpu=torch.get_rng_state(),
-                rng_cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
-    tmp = Path(str(path) + ".tmp")
+    ckpt = dict(format=CHECKPOINT_FORMAT, state=state.state_dict(), config=dataclasses.asdict(cfg),
+                rng_cpu=torch.get_rng_state(), rng_cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+    tmp = Path(f"{path}.{os.getpid()}.tmp")  # a killed write leaves only this file behind
     torch.save(ckpt, tmp)
     os.replace(tmp, path)
 
@@ -993,13 +1177,20 @@ def find_checkpoint(path, best=False):
     if p.is_dir():
         p = p / "best.pt" if best and (p / "best.pt").is_file() else p / "checkpoint.pt"
     if not p.is_file():
-        raise FileNotFoundError(f"no checkpoint at {p} (give a run folder or a .pt file)")
+        raise InputError(f"no checkpoint at {p} (give a run folder or a .pt file)")
     return p
 
 
 def load_checkpoint(path, device="cpu", best=False):
     """-> (cfg, checkpoint dict). Loads with weights_only=True: tensors and plain Python only."""
-    ckpt = torch.load(find_checkpoint(path, best), map_location=device, weights_only=True)
+    path = find_checkpoint(path, best)
+    try:  # tensors and plain Python only: a crafted pickle is refused, nothing in it runs
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # truncated, not a checkpoint at all, or a pickle with code in it
+        raise InputError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise InputError(f"{path} is not a checkpoint of this version of ilsgan.py (format "
+                         f"{ckpt.get('format', 1) if isinstance(ckpt, dict) else '?'}, this version reads {CHECKPOINT_FORMAT}): train it again")
     return Config(**ckpt["config"]), ckpt
 
 
@@ -1021,12 +1212,81 @@ def read_fid_log(run_dir):
 def write_results(run_dir, section, values):
     """results.json in the run folder, one section per tool (segmentation, mi, ...), written atomically."""
     path = Path(run_dir) / "results.json"
-    results = json.loads(path.read_text()) if path.exists() else {}
-    results[section] = values
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, path)
+    with folder_lock(Path(run_dir), "results.json.lock", wait=60):  # two tools may finish at once
+        results = json.loads(path.read_text()) if path.exists() else {}
+        results[section] = values
+        tmp = path.with_name(f"results.json.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(results, indent=2))
+        os.replace(tmp, path)
     return results
+
+
+RUN_FILES = ("config.json", "stats.jsonl", "checkpoint.pt", "best.pt", "fid.jsonl", "results.json", "segmentation.png",
+             "oracle.png", "grid-*.png")
+
+
+def claim_run_folder(out, resuming, overwrite=False):
+    """A run folder belongs to one run: make it (or fail early if it cannot be written), and refuse to
+    start a second run in a folder that holds one, unless resuming it or told to overwrite it."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file; give a folder")
+    check_writable(out)
+    held = [p for pattern in RUN_FILES for p in out.glob(pattern)]
+    if held and not resuming and not overwrite:
+        raise InputError(f"{out} holds a run ({', '.join(sorted({p.name for p in held})[:3])}): continue it with "
+                         f"--resume {out}, start it again with --overwrite, or give another --out")
+    if held and overwrite and not resuming:
+        for p in held:
+            p.unlink()
+
+
+def check_writable(folder):
+    """Make the folder if needed and fail now, not after hours of work, if it cannot be written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test.{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise InputError(f"cannot write to {folder} ({e.strerror}): the results go there") from None
+
+
+@contextlib.contextmanager
+def folder_lock(folder, name=".lock", wait=0.0):
+    """While the block runs, folder/name holds this process's id, and no other process gets the same
+    lock (waiting up to `wait` seconds for it); a lock left by a killed process is taken over."""
+    path, t0 = folder / name, time.time()
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            text = path.read_text().strip() if path.exists() else ""
+            if text.isdigit() and not process_alive(int(text)):
+                path.unlink(missing_ok=True)  # its owner was killed
+            elif time.time() - t0 >= wait:
+                raise InputError(f"{folder} is in use by another process ({path.name}: pid {text or '?'}); wait for "
+                                 f"it to finish, or delete {path} if no process uses the folder") from None
+            else:
+                time.sleep(0.1)
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def process_alive(pid):
+    if os.name != "posix":  # no harmless probe elsewhere: assume it is running
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def pick_device(name):
@@ -1040,8 +1300,9 @@ def setup_device(dev, tf32=False):
     dev = pick_device(dev) if isinstance(dev, str) else dev
     if dev.type == "cpu":
         torch.set_flush_denormal(True)  # denormals slow CPU training ~2x late in training
-    if dev.type == "cuda" and tf32:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if dev.type == "cuda":  # official: cuDNN's autotuner on (the shapes never change), TF32 off unless asked
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
     return dev
 
 
@@ -1205,19 +1466,28 @@ def read_rgb(path, bgr=False):
         with Image.open(path) as im:
             a = np.asarray(im.convert("RGB"))
     except Exception as e:  # a corrupt file names itself; nothing is skipped or replaced
-        raise ValueError(f"cannot read image {path}: {e}") from None
+        raise InputError(f"cannot read image {path}: {e}") from None
     return np.ascontiguousarray(a[..., ::-1]) if bgr else a
 
 
 def read_gray(path):
-    """Mask file -> float [H,W] in [0,1] (first channel), without dithering."""
+    """Mask file -> float [H,W] in [0,1], by value and without dithering: 0/255 or soft gray (CUB),
+    0/1, 16-bit, palette (index 0 is background) or coloured (any channel) masks. A label map
+    (integer values 0..k, 1 < k < 128) is refused: it has no foreground/background meaning."""
     from PIL import Image
     try:
         with Image.open(path) as im:
-            a = np.asarray(im.convert("L") if im.mode not in ("L", "I;16", "I", "F") else im).astype(np.float32)
-    except Exception as e:
-        raise ValueError(f"cannot read mask {path}: {e}") from None
-    return a / (a.max() if a.max() > 255 else 255.0)
+            mode, a = im.mode, np.asarray(im)
+    except Exception as e:  # a corrupt file names itself; nothing is skipped or replaced
+        raise InputError(f"cannot read mask {path}: {e}") from None
+    if mode == "P":  # palette indices
+        return (a > 0).astype(np.float32)
+    a = (a.max(axis=2) if a.ndim == 3 else a).astype(np.float32)  # RGB(A): any coloured channel
+    top = a.max(initial=0)
+    if mode not in ("F", "1") and 1 < top < 128 and len(np.unique(a)) <= top + 1:
+        raise InputError(f"mask {path} holds the labels {sorted(np.unique(a).astype(int))[:6]}...: save masks as 0/255 "
+                         "(or 0/1) images, foreground = 255")
+    return a / (1.0 if top <= 1 or mode == "1" else 255.0 if top <= 255 else 65535.0)
 
 
 def resize(a, res, box=None):
@@ -1242,12 +1512,21 @@ def drc_crop(x, y, bw, bh, W, H):
 
 
 def _tokens(path, name, root):
+    """A .npy token list: a 1-D array of strings or integers. Dataset files are untrusted input, so
+    object arrays (pickles, which can run code when loaded) are refused, never loaded."""
     if not path.is_file():
         raise _layout_error(name, root, f"missing {path.name}")
-    t = np.load(path, allow_pickle=True)
-    if t.ndim != 1 or len(t) == 0:
-        raise ValueError(f"{path}: expected a non-empty 1-D array of tokens, got shape {t.shape}")
-    return [str(v) for v in t]
+    try:
+        t = np.load(path, allow_pickle=False)
+    except ValueError as e:  # object arrays, or not a .npy file at all
+        raise InputError(f"{path}: not a token list of strings or integers ({str(e).splitlines()[0]})") from None
+    if not isinstance(t, np.ndarray) or t.ndim != 1 or len(t) == 0 or t.dtype.kind not in "USiu":
+        raise InputError(f"{path}: expected a non-empty 1-D array of string or integer tokens, got "
+                         f"{getattr(t, 'dtype', type(t).__name__)} of shape {getattr(t, 'shape', '?')}")
+    tokens = [str(v) for v in t]
+    if len(set(tokens)) < len(tokens):
+        raise InputError(f"{path}: the token {next(x for x in tokens if tokens.count(x) > 1)!r} is listed twice")
+    return tokens
 
 
 def _table(path, name, root, cols):
@@ -1258,8 +1537,10 @@ def _table(path, name, root, cols):
     for i, line in enumerate(path.read_text().splitlines(), 1):
         if line.strip():
             parts = line.split(maxsplit=cols - 1) if cols == 2 else line.split()
-            if len(parts) != cols:
-                raise ValueError(f"{path}:{i}: expected {cols} columns, got {line!r}")
+            if len(parts) != cols or not parts[0].isdigit():
+                raise InputError(f"{path}:{i}: expected {cols} columns starting with an image id, got {line!r}")
+            if int(parts[0]) in rows:
+                raise InputError(f"{path}:{i}: image id {parts[0]} is listed twice")
             rows[int(parts[0])] = parts[1:]
     return rows
 
@@ -1289,7 +1570,7 @@ def real_items(name, root, split):
                 "train_test_split.txt (official CUB split; train_val_test_split.txt not found)"
         missing = sorted(set(images) ^ set(boxes) | set(images) ^ set(splits))
         if missing:
-            raise ValueError(f"cub at {root}: images.txt, bounding_boxes.txt and the split file do not list the "
+            raise InputError(f"cub at {root}: images.txt, bounding_boxes.txt and the split file do not list the "
                              f"same ids (e.g. {missing[:5]})")
         ids = [i for i in sorted(images) if splits[i][0] == want[split]]
         if split == "train":  # official: the full image, centre square crop, no box; no masks needed
@@ -1305,7 +1586,7 @@ def real_items(name, root, split):
             raise _layout_error(name, root, "no masks/ folder, so there is no test split")
         items = [(p, (r / "masks" / p.relative_to(img_dir)).with_suffix(".png"), "centre", None) for p in files]
         return [it for it in items if it[1].is_file()], "images with a mask in masks/"
-    raise ValueError(f"unknown dataset {name!r}: synthetic | cars | dogs | cub | folder")
+    raise InputError(f"unknown dataset {name!r}: synthetic | cars | dogs | cub | folder")
 
 
 def load_real(name, root, res, split, bgr=False):
@@ -1327,7 +1608,7 @@ def load_real(name, root, res, split, bgr=False):
         if mask_path is not None:
             m = read_gray(mask_path)
             if m.shape != (H, W):
-                raise ValueError(f"mask {mask_path} is {m.shape[1]}x{m.shape[0]}, its image is {W}x{H}")
+                raise InputError(f"mask {mask_path} is {m.shape[1]}x{m.shape[0]}, its image is {W}x{H}")
             ms.append(resize(m, res, cbox) > 0.5)  # explicit threshold at 0.5, no dithering
     x = torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).contiguous()
     return x, (torch.from_numpy(np.stack(ms))[:, None] if ms else None)
@@ -1400,8 +1681,8 @@ def real_fid_stats(net, data, cfg):
         return tuple(torch.load(path, weights_only=True))
     stats = feature_stats(inception_features(net, data))
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(list(stats), str(path) + ".tmp")
-    os.replace(str(path) + ".tmp", path)
+    torch.save(list(stats), f"{path}.{os.getpid()}.tmp")
+    os.replace(f"{path}.{os.getpid()}.tmp", path)
     return stats
 
 
@@ -1427,7 +1708,7 @@ def init_processes(cfg):
             torch.cuda.set_device(dev)
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
         if cfg.batch % dist.get_world_size():
-            raise ValueError(f"--batch {cfg.batch} is not divisible by {dist.get_world_size()} processes")
+            raise InputError(f"--batch {cfg.batch} is not divisible by {dist.get_world_size()} processes")
     return dev
 
 
@@ -1451,13 +1732,6 @@ def all_mean_grads(params):
             p.grad.copy_(g.view_as(p))
 
 
-def check_finite(loss, name, step):
-    """Stop every process at once when any of them meets a non-finite loss."""
-    ok = all_mean(torch.isfinite(loss.detach()).float().reshape(1))
-    if ok.item() < 1:
-        raise NonFiniteLoss(f"{name} loss is {loss.item()} at step {step}")
-
-
 def check_in_step(G):
     """At the end of a multi-process run: the processes' generators must still be identical."""
     if world()[1] > 1:
@@ -1479,6 +1753,18 @@ def check_data(cfg):
         print(f"{split}: images {tuple(x.shape)} uint8{masks}")
 
 
+def choose_preset(dataset, device, resolution=None):
+    """The preset of a run started without --preset, and why: the CPU demo for the embedded benchmark
+    (anywhere) and for a real dataset on a CPU; the paper's settings for a real dataset on a GPU."""
+    if dataset == "synthetic":
+        return "cpu", "the embedded benchmark's demo"
+    if pick_device(device).type == "cuda":
+        name = "paper128" if resolution == 128 else "paper64"
+        return name, f"a real dataset on a GPU: the paper's settings at {name[5:]} px"
+    return "cpu", ("a real dataset on a CPU: the 32 px demo, since the paper's settings need a GPU "
+                   "(--preset paper64 runs them anyway)")
+
+
 def companion_config(cls, presets, preset="auto", **overrides):
     """The config of unet_eval.py or mine.py; preset 'auto' is 'cpu' on a CPU and 'official' on a GPU."""
     if preset == "auto":
@@ -1493,45 +1779,62 @@ def companion_main(cls, presets, doc, argv, evaluate):
     cfg = companion_config(cls, presets, args.preset or "auto", **given(args, cls))
     if not cfg.ckpt:
         ap.error("--ckpt RUN_DIR_OR_CKPT is required")
-    try:
+    try:  # the error boundary, as in main()
         return evaluate(cfg)
-    except (FileNotFoundError, ValueError) as e:
+    except (InputError, OSError) as e:
         sys.exit(f"error: {e}")
+
+
+RESUME_FIXED = ("dataset", "resolution", "z_dim", "w_dim", "map_layers", "channel_base", "channel_max", "seed")
 
 
 def main(argv=None):
     ap = config_parser(Config, PRESETS, "ILSGAN (arXiv 2211.13974): layered GAN + independent layer synthesis.")
     ap.add_argument("--resume", default=None, help="run folder or checkpoint to continue (its config, then the flags given)")
+    ap.add_argument("--overwrite", action="store_true", help="start afresh in an --out that holds a run (deletes its run files)")
     ap.add_argument("--check-data", action="store_true",
                     help="load the train and test splits of --dataset, print what was found, and exit")
     args = ap.parse_args(argv)
-    overrides = given(args, Config)
-    try:
+    overrides, rank = given(args, Config), int(os.environ.get("RANK", "0"))  # RANK: set by torchrun
+    try:  # the error boundary: what was given is wrong -> one `error:` line; a bug still shows its traceback
         ckpt = None
         if args.resume:
             saved, ckpt = load_checkpoint(args.resume)
+            if args.preset:
+                raise InputError("--preset does not go with --resume: the run continues with its own config, "
+                                 "and the flags given with --resume are applied on top of it")
+            fixed = [f"--{k.replace('_', '-')} {overrides[k]} (the run has {getattr(saved, k)})" for k in RESUME_FIXED
+                     if k in overrides and overrides[k] != getattr(saved, k)]
+            if fixed:
+                raise InputError(f"--resume continues the run as it was built, so {', '.join(fixed)} cannot change; "
+                                 "start a new run (--out) for that")
             overrides.setdefault("out", str(find_checkpoint(args.resume).parent))  # continue in the same folder
             cfg = with_overrides(saved, **overrides)
+            if rank == 0 and overrides.keys() - {"out"}:
+                print("resuming with " + ", ".join(f"{k}={v} (was {getattr(saved, k)})" for k, v in overrides.items() if k != "out"))
         else:
-            cfg = make_config(args.preset or "cpu", **overrides)
+            preset, why = (args.preset, "given") if args.preset else choose_preset(
+                overrides.get("dataset", "synthetic"), overrides.get("device", "auto"), overrides.get("resolution"))
+            print(f"preset {preset} ({why})")
+            cfg = make_config(preset, **overrides)
+        check_config(cfg)
         if args.check_data:
             return check_data(cfg)
-        rank = int(os.environ.get("RANK", "0"))  # set by torchrun
         if rank == 0:
             print(json.dumps(dataclasses.asdict(cfg)))
-        out = train(cfg, ckpt)
-    except (NonFiniteLoss, FileNotFoundError, ValueError) as e:
+        out = train(cfg, ckpt, args.overwrite)
+        if cfg.evaluate and rank == 0:
+            # The companions score the run folder and add their sections to its results.json; this is
+            # the one place where this file reaches up to them.
+            import mine, unet_eval  # noqa: E401
+            unet_eval.evaluate(unet_eval.make_config(cfg.eval_preset, ckpt=str(out)))
+            mine.evaluate(mine.make_config(cfg.eval_preset, ckpt=str(out)))
+            unet_eval.print_closing_table(out)
+    except (InputError, NonFiniteLoss, OSError) as e:
         sys.exit(f"error: {e}")
     finally:
         if world()[1] > 1:
             dist.destroy_process_group()
-    if cfg.evaluate and rank == 0:
-        # The companions score the run folder and add their sections to its results.json; this is
-        # the one place where this file reaches up to them.
-        import mine, unet_eval  # noqa: E401
-        unet_eval.evaluate(unet_eval.make_config(cfg.eval_preset, ckpt=str(out)))
-        mine.evaluate(mine.make_config(cfg.eval_preset, ckpt=str(out)))
-        unet_eval.print_closing_table(out)
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ class MineConfig:
 PRESETS = {
     "official": dict(n=10000, res=64, hidden=3000, iters=100000, eval_every=400),
     "cpu": dict(n=2000, res=16, hidden=512, iters=3000, eval_every=100),
+    "tiny": dict(n=64, res=8, hidden=16, iters=20, eval_every=10, batch=16),  # seconds; for tests
 }
 
 
@@ -145,8 +146,12 @@ def layer_pairs(G, n, res, seed=0):
 
 def evaluate(mc):
     """Estimate all three MIs for one checkpoint; merge them into results.json; return the section."""
-    dev = ilsgan.setup_device(mc.device)
+    ilsgan.check(mc, positive=("res", "hidden", "lr", "eval_every", "last"), nonneg=("ma_rate",),
+                 rules=[("n", mc.n >= 2, "2 or more"), ("batch", mc.batch >= 2, "2 or more (pairs are shuffled within it)"),
+                        ("iters", mc.iters >= mc.eval_every, f"at least --eval-every ({mc.eval_every}), or nothing is measured")])
+    dev = ilsgan.setup_device(ilsgan.check_device(mc.device))
     ckpt_path = ilsgan.find_checkpoint(mc.ckpt, best=True)  # official: the lowest-FID snapshot if any
+    ilsgan.check_writable(ckpt_path.parent)
     _, G, _ = ilsgan.load_generator(ckpt_path, dev)
     t0, out = time.time(), {}
     for name, (x, y) in layer_pairs(G, mc.n, mc.res, mc.seed).items():

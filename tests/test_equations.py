@@ -199,10 +199,12 @@ def test_ils_weight_schedule_matches_official_at_8000_kimg():
 
 
 def test_ada_adjust_step_and_clamp():
-    step = 32 * 4 / 500_000
-    assert ilsgan.ada_adjust(0.1, 0.9, 0.6, 32, 4, 500) == pytest.approx(0.1 + step)
-    assert ilsgan.ada_adjust(0.1, 0.1, 0.6, 32, 4, 500) == pytest.approx(0.1 - step)
-    assert ilsgan.ada_adjust(0.0, 0.1, 0.6, 32, 4, 500) == 0.0
+    step, t = 32 * 4 / 500_000, torch.tensor
+    assert ilsgan.ada_adjust(t(0.1), t(0.9), 0.6, 32, 4, 500).item() == pytest.approx(0.1 + step)
+    assert ilsgan.ada_adjust(t(0.1), t(0.1), 0.6, 32, 4, 500).item() == pytest.approx(0.1 - step)
+    assert ilsgan.ada_adjust(t(0.1), t(0.6), 0.6, 32, 4, 500).item() == pytest.approx(0.1)  # official np.sign(0) = 0
+    assert ilsgan.ada_adjust(t(0.0), t(0.1), 0.6, 32, 4, 500).item() == 0.0
+    assert ilsgan.ada_adjust(t(1.0), t(0.9), 0.6, 32, 4, 500).item() == 1.0
 
 
 def test_r1_gamma_auto():

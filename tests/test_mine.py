@@ -59,8 +59,7 @@ def test_layer_pairs_are_the_regions_of_eq_11(monkeypatch):
 def test_mine_on_a_tiny_run_writes_results(tiny_run):
     import json
     out, _ = tiny_run
-    section = mine.evaluate(mine.MineConfig(ckpt=str(out), n=64, res=8, hidden=16, iters=20, eval_every=10,
-                                            batch=16, device="cpu"))
+    section = mine.evaluate(mine.make_config("tiny", ckpt=str(out), device="cpu"))
     assert set(section["nats"]) == {"vis_fg;inv_bg", "vis_bg;inv_fg", "whole f;b", "sum (Eq. 11)"}
-    assert section["protocol"].startswith("MINE (custom preset: 64 samples at 8px")
+    assert section["protocol"].startswith("MINE (tiny preset: 64 samples at 8px")
     assert json.loads((out / "results.json").read_text())["mi"] == section

@@ -59,3 +59,38 @@ def test_minibatch_stddev_appends_group_std():
     expect = (groups.var(0, unbiased=False) + 1e-8).sqrt().mean(dim=[1, 2, 3])
     torch.testing.assert_close(y[0, 3, 0, 0], expect[0])
     torch.testing.assert_close(y[1, 3, 0, 0], expect[1])
+
+
+def loop_modulated_up_conv(x, weight, styles):
+    """Reference for up=True, from the definitions: per sample, insert zeros between the pixels, run an
+    ordinary conv with the flipped kernel (a transposed conv), then the [1,3,3,1] filter with gain 4."""
+    B, I, H, W = x.shape
+    f = torch.tensor([1.0, 3.0, 3.0, 1.0])
+    blur = torch.outer(f, f) / 64 * 4
+    out = []
+    for i in range(B):
+        w = weight * styles[i][None, :, None, None]
+        w = w / (w.square().sum(dim=[1, 2, 3], keepdim=True) + 1e-8).sqrt()
+        z = torch.zeros(1, I, 2 * H - 1, 2 * W - 1)
+        z[..., ::2, ::2] = x[i]
+        y = F.conv2d(z, w.flip(2, 3), padding=2)  # [1,O,2H+1,2W+1]
+        y = F.conv2d(F.pad(y, [1, 1, 1, 1]), blur.expand(y.shape[1], 1, 4, 4), groups=y.shape[1])
+        out.append(y)
+    return torch.cat(out)
+
+
+def test_upsampling_modulated_conv_equals_its_definition():
+    x, weight, styles = torch.randn(3, 5, 6, 6), torch.randn(4, 5, 3, 3), torch.randn(3, 5)
+    ref = loop_modulated_up_conv(x, weight, styles)
+    assert ref.shape == (3, 4, 12, 12)
+    for fused in (True, False):
+        out = ilsgan.modulated_conv2d(x, weight, styles, fused=fused, up=True)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_upsample2d_is_bilinear_inside_and_zero_padded_at_the_border():
+    x = torch.randn(2, 3, 5, 5)
+    up = ilsgan.upsample2d(x)
+    bilinear = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(up[..., 1:-1, 1:-1], bilinear[..., 1:-1, 1:-1])
+    torch.testing.assert_close(up[..., 0, 1:-1], 0.75 * bilinear[..., 0, 1:-1])  # edge row: 3/4 of row 0, 1/4 zero padding

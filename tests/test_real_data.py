@@ -175,6 +175,7 @@ def test_check_data_command(cars):
                         "--resolution", "16", "--check-data"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "train: images (3, 3, 16, 16)" in r.stdout and "test: images (2, 3, 16, 16) uint8, masks" in r.stdout
+    assert r.stdout.startswith("preset cpu (a real dataset on a CPU: the 32 px demo, since the paper's settings need a GPU")
     r = subprocess.run([sys.executable, str(ROOT / "ilsgan.py"), "--dataset", "dogs", "--data-root", str(cars),
                         "--check-data"], capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "expected layout" in r.stderr and "Traceback" not in r.stderr

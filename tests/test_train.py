@@ -21,9 +21,9 @@ def first_losses(seed):
 
 def test_same_seed_gives_the_same_first_losses():
     a, b, c = first_losses(0), first_losses(0), first_losses(1)
-    assert [r["loss_G"] for r in a] == [r["loss_G"] for r in b]
-    assert [r["loss_D"] for r in a] == [r["loss_D"] for r in b]
-    assert a[0]["loss_G"] != c[0]["loss_G"]
+    assert [r["loss_G"].item() for r in a] == [r["loss_G"].item() for r in b]
+    assert [r["loss_D"].item() for r in a] == [r["loss_D"].item() for r in b]
+    assert a[0]["loss_G"].item() != c[0]["loss_G"].item()
 
 
 def test_tiny_run_writes_its_files(tiny_run):
@@ -39,7 +39,7 @@ def test_tiny_run_writes_its_files(tiny_run):
 def test_checkpoint_round_trip_with_weights_only(tiny_run):
     out, cfg = tiny_run
     cfg2, ckpt = ilsgan.load_checkpoint(out)  # torch.load(..., weights_only=True) inside
-    assert cfg2 == cfg
+    assert cfg2 == ilsgan.with_overrides(cfg, amp="off")  # the run records the precision it resolved on this CPU
     s = ilsgan.State(cfg2, torch.device("cpu"))
     s.load_state_dict(ckpt["state"])
     assert s.nimg == ckpt["state"]["nimg"] >= cfg.kimg * 1000
@@ -139,15 +139,33 @@ def test_importing_writes_nothing(tmp_path):
 
 
 @pytest.mark.slow
-def test_benchmark_prints_throughput_and_memory(tmp_path):
+def test_benchmark_prints_speed_and_memory_of_each_precision_side_by_side(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "tiny", "--seconds", "0.5",
-                        "--device", "cpu"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+                        "--device", "cpu", "--amp", "off,bf16"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert "train img/s" in r.stdout and "peak MB" in r.stdout
-    row = next(line.split() for line in r.stdout.splitlines() if line.startswith("tiny"))
-    train_ips, peak_mb, data_ips = float(row[3]), float(row[4]), float(row[5])
-    assert train_ips > 0 and peak_mb > 0 and data_ips > train_ips
+    assert "img/s" in r.stdout and "sec/kimg" in r.stdout and "peak MB" in r.stdout and "vs off" in r.stdout
+    rows = [line.split() for line in r.stdout.splitlines() if line.startswith("tiny")]
+    assert [row[3] for row in rows] == ["off", "bf16"]
+    for row in rows:
+        ips, sec_kimg, peak_mb, data_ips = float(row[4]), float(row[5]), float(row[6]), float(row[8])
+        assert ips > 0 and sec_kimg == pytest.approx(1000 / ips, rel=0.01) and peak_mb > 0 and data_ips > ips
+    assert rows[0][7] == "1.00x"
     assert list(tmp_path.iterdir()) == []  # writes nothing
+
+
+@pytest.mark.slow
+def test_gpu_check_passes_in_its_cpu_sized_variant(tmp_path):
+    """The command a GPU owner runs once, at tiny size on the CPU: every part must pass here too."""
+    fid_n = "8" if ilsgan.inception_network("cpu") is not None else "0"  # FID's network is optional
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--gpu-check", "--device", "cpu",
+                        "--preset", "tiny", "--kimg", "0.05", "--fid-n", fid_n, "--n-train", "16"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, "ILSGAN_CACHE": str(tmp_path)})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    table = r.stdout[r.stdout.index("part "):]
+    for part in ("training step without host syncs", "train: ADA p > 0, R1, FID, checkpoints", "resume",
+                 "U-Net distillation", "MINE", "torchrun, one process"):
+        assert f"{part}" in table and "FAIL" not in table
+    assert "8,000 kimg would take" in r.stdout
 
 
 def test_collapse_watch_names_each_known_failure():
@@ -168,3 +186,64 @@ def test_collapse_watch_names_each_known_failure():
     frame[..., 3:-3, 3:-3] = 0
     frame[::2, ..., 0, :] = 0  # a frame that varies a little
     assert "swapped" in flags(frame)
+
+
+def test_a_training_step_never_waits_for_the_device(monkeypatch):
+    """Between log steps nothing in ilsgan.py reads a tensor back to the host (on a GPU each read
+    would stall the pipeline): the statistics stay on the device, and so does ADA's p."""
+    cfg = ilsgan.make_config("tiny", ada_interval=2)
+    state = ilsgan.State(cfg, torch.device("cpu"))
+    state.ada_p = torch.tensor(0.3)  # every augmentation path runs
+    x = torch.rand(cfg.batch, 3, cfg.resolution, cfg.resolution) * 2 - 1
+    reads = []
+    for name in ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__", "__format__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            caller = sys._getframe(1).f_code
+            if caller.co_filename.endswith("ilsgan.py"):
+                reads.append((_name, caller.co_name))
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    for _ in range(3):  # step 0 runs R1, step 2 adjusts ADA's p
+        stats = ilsgan.train_step(state, x, cfg)
+    assert "r1" not in stats and state.step == 3
+    assert reads == []
+    monkeypatch.undo()
+    assert state.ada_p.item() != 0.3  # p moved, on the device
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_gives_the_losses_of_full_precision(amp):
+    """The networks' convolutions in reduced precision, everything that mixed precision would spoil
+    (mapping, demodulation, D's 4x4 epilogue, the losses, ADA, R1) in float32: the first steps'
+    losses agree with float32 to a few per cent, and stay finite."""
+    def losses(amp):
+        cfg = ilsgan.make_config("tiny", amp=amp)
+        state = ilsgan.State(cfg, torch.device("cpu"))
+        state.ada_p = torch.tensor(0.2)
+        torch.manual_seed(1)
+        x = torch.rand(cfg.batch, 3, cfg.resolution, cfg.resolution) * 2 - 1
+        return [ilsgan.train_step(state, x, cfg) for _ in range(3)]
+    full, mixed = losses("off"), losses(amp)
+    for a, b in zip(full, mixed):
+        for k in ("loss_G", "loss_adv", "loss_D", "loss_ils", "mask_area"):
+            assert torch.isfinite(b[k]) and abs(a[k].item() - b[k].item()) < 0.05 * abs(a[k].item()) + 2e-3, (k, a[k], b[k])
+
+
+@pytest.mark.parametrize("dataset, device, resolution, expect", [
+    ("synthetic", "cpu", None, "cpu"), ("synthetic", "cuda", None, "cpu"), ("synthetic", "cuda", 128, "cpu"),
+    ("cub", "cpu", None, "cpu"), ("cars", "cpu", 128, "cpu"), ("folder", "cpu", 64, "cpu"),
+    ("cub", "cuda", None, "paper64"), ("dogs", "cuda:1", 64, "paper64"), ("cars", "cuda", 128, "paper128")])
+def test_preset_without_flag_fits_the_data_and_the_device(dataset, device, resolution, expect):
+    preset, why = ilsgan.choose_preset(dataset, device, resolution)
+    assert preset == expect and why
+    if dataset != "synthetic" and expect == "cpu":
+        assert "--preset paper64" in why  # says how to force the paper's settings
+
+
+def test_auto_device_counts_as_a_gpu_when_there_is_one(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert ilsgan.choose_preset("cub", "auto")[0] == "paper64"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert ilsgan.choose_preset("cub", "auto")[0] == "cpu"

@@ -1,0 +1,168 @@
+"""Does ILS help? The paper's ablations (Tables 2 and 3) on the embedded benchmark, over seeds.
+
+    python scripts/ablation.py                              # every variant over its seeds, 2 runs at a time
+    python scripts/ablation.py --variants full no-ils --seeds 0 1 2 --jobs 2
+    python scripts/ablation.py --table-only                 # tabulate what exists
+    python scripts/ablation.py --mine-spread runs/ablation/full-seed0   # MINE's own spread on one checkpoint
+
+Each run is the full default job (`python ilsgan.py --seed N` with the variant's flags: train, U-Net,
+MINE) in <out>/<variant>-seed<N>, one thread per run (OMP_NUM_THREADS=1). A run whose results.json
+holds both scores is not run again; an interrupted one continues from its checkpoint. The table
+(printed, and written to <out>/ablation.md) gives per variant the mean and standard deviation over
+seeds of test IoU, DICE, the MINE estimates of the two Eq. (11) pairs, their sum and the whole-layer
+MI, and the seeds the collapse watch flagged; then, per variant against `full` on the seeds both
+have, the paired differences and on how many seeds the full model is better.
+"""
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# named as the paper names them; Table 3's rows by their letter
+VARIANTS = {
+    "full": ([], "ILS-MI (Eq. 12): Laplace q, the two region pairs, all optimised (Table 3 row B)"),
+    "no-ils": (["--ils", "none"], "without the ILS loss (Tables 2 and 3, row A)"),
+    "ils-l1": (["--ils", "l1"], "ILS-L1 (Eq. 13)"),
+    "C-no-opt-vis": (["--no-ils-opt-vis"], "row C: stop-gradient on the visible regions f_vis, b_vis"),
+    "D-no-opt-mask": (["--no-ils-opt-mask"], "row D: stop-gradient on the mask"),
+    "E-whole-layers": (["--no-ils-separate"], "row E: whole-layer I(b; f) instead of the two region pairs"),
+    "F-gaussian": (["--ils-dist", "gaussian"], "row F: Gaussian q instead of Laplace"),
+}
+SEEDS = {"full": 5, "no-ils": 5, "ils-l1": 5, "F-gaussian": 5, "C-no-opt-vis": 3, "D-no-opt-mask": 3, "E-whole-layers": 3}
+PAIRS = ("vis_fg;inv_bg", "vis_bg;inv_fg", "sum (Eq. 11)", "whole f;b")
+
+
+def finished(folder):
+    path = folder / "results.json"
+    return path.is_file() and {"segmentation", "mi"} <= set(json.loads(path.read_text()))
+
+
+def run_all(runs, jobs, common):
+    """Run the pending (variant, seed, folder) triples, `jobs` at a time, one thread each."""
+    pending = [r for r in runs if not finished(r[2])]
+    print(f"{len(runs) - len(pending)} of {len(runs)} runs already have their results; running {len(pending)}")
+    active, t0 = [], time.time()
+    while pending or active:
+        while pending and len(active) < jobs:
+            variant, seed, folder = pending.pop(0)
+            folder.mkdir(parents=True, exist_ok=True)
+            start = ["--resume", str(folder)] if (folder / "checkpoint.pt").is_file() else ["--out", str(folder)]
+            cmd = [sys.executable, str(ROOT / "ilsgan.py"), "--seed", str(seed), *start, *VARIANTS[variant][0], *common]
+            if start[0] == "--resume":  # the saved config already holds the variant and the common flags
+                cmd = [sys.executable, str(ROOT / "ilsgan.py"), *start]
+            log = open(folder / "log.txt", "a")
+            active.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                            env=dict(os.environ, OMP_NUM_THREADS="1")), folder, log))
+            print(f"started {folder.name}", flush=True)
+        time.sleep(2)
+        for proc, folder, log in list(active):
+            if proc.poll() is not None:
+                log.close()
+                active.remove((proc, folder, log))
+                print(f"{folder.name}: {'done' if proc.returncode == 0 else f'exit {proc.returncode}, see log.txt'} "
+                      f"({(time.time() - t0) / 60:.0f} min)", flush=True)
+
+
+def scores(folder):
+    """One run's figures, or None if it has not finished."""
+    if not finished(folder):
+        return None
+    results = json.loads((folder / "results.json").read_text())
+    last = json.loads((folder / "stats.jsonl").read_text().splitlines()[-1])
+    seg, mi = results["segmentation"]["test"], results["mi"]["nats"]
+    return dict(iou=seg["iou"], dice=seg["dice"], **{k: mi[k] for k in PAIRS}, flagged=bool(last["flags"]))
+
+
+def mean_sd(values):
+    m = sum(values) / len(values)
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return f"{m:.3f} ± {sd:.3f}"
+
+
+def table(out, variants, seeds_of):
+    """The Markdown table of the finished runs; also written to <out>/ablation.md."""
+    got = {v: {s: scores(out / f"{v}-seed{s}") for s in seeds_of(v)} for v in variants}
+    got = {v: {s: r for s, r in runs.items() if r is not None} for v, runs in got.items()}
+    lines = ["| variant | seeds | test IoU | test DICE | MI vis fg ; hidden bg | MI vis bg ; hidden fg | MI sum, Eq. (11) "
+             "| MI whole layers | flagged |", "|---" * 9 + "|"]
+    for v in variants:
+        runs = list(got[v].values())
+        if not runs:
+            lines.append(f"| {v} | 0 | | | | | | | |")
+            continue
+        cells = [mean_sd([r[k] for r in runs]) for k in ("iou", "dice", *PAIRS)]
+        lines.append(f"| {v} | {len(runs)} | " + " | ".join(cells) + f" | {sum(r['flagged'] for r in runs)} |")
+    lines += ["", "Paired against `full` on the seeds both have (variant minus full; IoU higher is better, MI lower):",
+              "", "| variant | seeds | IoU difference per seed | mean | full better on | MI sum difference per seed | mean "
+              "| full lower on |", "|---" * 8 + "|"]
+    for v in variants:
+        if v == "full":
+            continue
+        common = sorted(set(got[v]) & set(got.get("full", {})))
+        if not common:
+            continue
+        d_iou = [got[v][s]["iou"] - got["full"][s]["iou"] for s in common]
+        d_mi = [got[v][s]["sum (Eq. 11)"] - got["full"][s]["sum (Eq. 11)"] for s in common]
+        lines.append(f"| {v} | {' '.join(map(str, common))} | {' / '.join(f'{d:+.3f}' for d in d_iou)} | "
+                     f"{sum(d_iou) / len(d_iou):+.3f} | {sum(d < 0 for d in d_iou)} of {len(common)} | "
+                     f"{' / '.join(f'{d:+.3f}' for d in d_mi)} | {sum(d_mi) / len(d_mi):+.3f} | "
+                     f"{sum(d > 0 for d in d_mi)} of {len(common)} |")
+    text = "\n".join(lines) + "\n"
+    (out / "ablation.md").write_text(text)
+    return text
+
+
+def mine_spread(run, seeds):
+    """MINE (its cpu preset) with several seeds on one checkpoint: the estimator's own spread.
+    Nothing is written to the run folder."""
+    sys.path.insert(0, str(ROOT))
+    import ilsgan
+    import mine
+    print(f"MINE on {run}, seeds {seeds} (samples and statistics network drawn anew for each)")
+    rows = []
+    for seed in seeds:
+        mc = mine.make_config("cpu", ckpt=str(run), seed=seed, device="cpu")
+        _, G, _ = ilsgan.load_generator(ilsgan.find_checkpoint(run, best=True), "cpu")
+        pairs = mine.layer_pairs(G, mc.n, mc.res, seed)
+        est = {k: mine.estimate_mi(x, y, mc, desc=f"MINE {k}")[0] for k, (x, y) in pairs.items()}
+        est["sum (Eq. 11)"] = est["vis_fg;inv_bg"] + est["vis_bg;inv_fg"]
+        rows.append(est)
+        print(f"seed {seed}: " + ", ".join(f"{k} {est[k]:.3f}" for k in PAIRS), flush=True)
+    for k in PAIRS:
+        values = [r[k] for r in rows]
+        print(f"{k:14s} {mean_sd(values)} (range {max(values) - min(values):.3f})")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="variants:\n" + "\n".join(f"  {k:15s} {' '.join(a) or '(defaults)':22s} {d}"
+                                                                  for k, (a, d) in VARIANTS.items()))
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="VARIANT")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None,
+                    help="seeds of every variant (default: 0-4 for full, no-ils, ils-l1, F-gaussian; 0-2 for C, D, E)")
+    ap.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
+    ap.add_argument("--out", default="runs/ablation")
+    ap.add_argument("--table-only", action="store_true", help="only tabulate the finished runs")
+    ap.add_argument("--mine-spread", metavar="RUN", help="MINE with --mine-seeds on this run's checkpoint, then exit")
+    ap.add_argument("--mine-seeds", type=int, nargs="+", default=[0, 1, 2])
+    args, common = ap.parse_known_args()  # anything else goes to every ilsgan.py run
+    if args.mine_spread:
+        return mine_spread(Path(args.mine_spread), args.mine_seeds)
+    out = Path(args.out)
+
+    def seeds_of(v):
+        return args.seeds if args.seeds is not None else list(range(SEEDS[v]))
+    if not args.table_only:
+        run_all([(v, s, out / f"{v}-seed{s}") for v in args.variants for s in seeds_of(v)], args.jobs, common)
+    out.mkdir(parents=True, exist_ok=True)
+    print(table(out, args.variants, seeds_of), end="")
+
+
+if __name__ == "__main__":
+    main()

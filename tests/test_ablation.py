@@ -1,0 +1,53 @@
+"""scripts/ablation.py end to end at tiny size: runs the variants over seeds, then tabulates them."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+
+def fake_run(folder, iou, mi_sum, flags=()):
+    folder.mkdir(parents=True)
+    seg = dict(test=dict(iou=iou, dice=iou + 0.05))
+    mi = dict(nats={"vis_fg;inv_bg": mi_sum / 2, "vis_bg;inv_fg": mi_sum / 2, "sum (Eq. 11)": mi_sum, "whole f;b": 0.5})
+    (folder / "results.json").write_text(json.dumps(dict(segmentation=seg, mi=mi)))
+    (folder / "stats.jsonl").write_text(json.dumps(dict(flags=list(flags))) + "\n")
+
+
+def test_table_means_and_paired_differences(tmp_path):
+    for seed, (iou, mi) in enumerate([(0.80, 3.0), (0.90, 3.2), (0.85, 2.8)]):
+        fake_run(tmp_path / f"full-seed{seed}", iou, mi)
+    for seed, (iou, mi) in enumerate([(0.70, 4.0), (0.95, 3.0)]):  # seed 2 never finished
+        fake_run(tmp_path / f"no-ils-seed{seed}", iou, mi, flags=["mask-fixed"] if seed else [])
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "ablation.py"), "--table-only", "--out", str(tmp_path),
+                        "--variants", "full", "no-ils", "--seeds", "0", "1", "2"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    means = r.stdout[:r.stdout.index("Paired")]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in means.splitlines()
+            if line.startswith("| full") or line.startswith("| no-ils")}
+    assert rows["full"][:2] == ["3", "0.850 ± 0.050"] and rows["full"][-1] == "0"
+    assert rows["no-ils"][:2] == ["2", "0.825 ± 0.177"] and rows["no-ils"][-1] == "1"
+    paired = next(line for line in r.stdout.splitlines() if line.startswith("| no-ils | 0 1 |"))
+    cells = [c.strip() for c in paired.split("|")[1:-1]]
+    assert cells[2:] == ["-0.100 / +0.050", "-0.025", "1 of 2", "+1.000 / -0.200", "+0.400", "1 of 2"]
+    assert (tmp_path / "ablation.md").read_text() in r.stdout
+
+
+@pytest.mark.slow
+def test_ablation_runs_two_variants_over_two_seeds_at_tiny_size(tmp_path):
+    cmd = [sys.executable, str(ROOT / "scripts" / "ablation.py"), "--variants", "full", "no-ils", "--seeds", "0", "1",
+           "--out", str(tmp_path), "--jobs", "2", "--preset", "tiny", "--kimg", "0.05", "--evaluate",
+           "--eval-preset", "tiny"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for v in ("full", "no-ils"):
+        for s in (0, 1):
+            results = json.loads((tmp_path / f"{v}-seed{s}" / "results.json").read_text())
+            assert {"segmentation", "mi"} <= set(results)
+    config = json.loads((tmp_path / "no-ils-seed1" / "config.json").read_text())
+    assert config["ils"] == "none" and config["seed"] == 1
+    assert "| full | 2 |" in r.stdout and "| no-ils | 2 |" in r.stdout and "| no-ils | 0 1 |" in r.stdout
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)  # resumable: nothing left to run
+    assert "4 of 4 runs already have their results; running 0" in again.stdout
