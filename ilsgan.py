@@ -28,15 +28,17 @@ The lesson ends here. Appendix, plumbing you may skip:
 and main(), the command line.
 
 Left out on purpose (and why):
-    - custom CUDA ops (bias_act, upfirdn2d): plain PyTorch runs everywhere; resampling is bilinear.
-    - fp16 / conv_clamp, style mixing, path-length regularisation, truncation: the official ILSGAN
-      configs disable the last three; fp16 is a speed feature we trade for one code path.
+    - custom CUDA ops (bias_act, upfirdn2d, grid_sample_gradfix): plain PyTorch ops do the same
+      sums (upsample2d, GridSample), so one code path runs everywhere.
+    - style mixing, path-length regularisation, truncation: the official ILSGAN configs disable them.
     - separate ws per layer: without style mixing all layers get the same w, so we pass one w.
     - the learned-q (neural Laplace/Gaussian, PixelCNN++) ablations of the official code.
 
 Differences from the official code (qrzou/ILSGAN, a stylegan2-ada-pytorch fork):
-    - networks.py: G upsamples bilinearly and D downsamples with a 2x2 box filter, instead of the
-      [1,3,3,1] FIR filter; the modulated conv is the same (grouped conv, or its unfused twin).
+    - networks.py: G upsamples as StyleGAN2 (stride-2 transposed conv, then the [1,3,3,1] filter) with
+      conv_clamp 256; D downsamples with a 2x2 box filter instead of the [1,3,3,1] filter. Mixed
+      precision is autocast (--amp bf16 | fp16) over the whole network, the official fp16 is on the
+      top-4 resolutions only; the mapping, the styles and D's 4x4 epilogue stay in fp32 (full_precision).
     - augment.py: all geometric ops of the 'bgc' pipe are folded into one affine grid_sample with
       reflection padding (stock: integer blits + 2x upsampled FIR resampling). Same ops, same p.
     - training_loop_ILS.py: the ILS warm-up (0.2 until 400 of 8000 kimg) is expressed as a fraction
@@ -1238,6 +1240,10 @@ def claim_run_folder(out, resuming, overwrite=False):
     if held and overwrite and not resuming:
         for p in held:
             p.unlink()
+    for p in out.glob("*.*.tmp"):  # half-written by a process that was killed (save_checkpoint, write_results)
+        pid = p.suffixes[-2][1:]
+        if pid.isdigit() and not process_alive(int(pid)):
+            p.unlink(missing_ok=True)
 
 
 def check_writable(folder):
@@ -1485,7 +1491,8 @@ def read_gray(path):
     a = (a.max(axis=2) if a.ndim == 3 else a).astype(np.float32)  # RGB(A): any coloured channel
     top = a.max(initial=0)
     if mode not in ("F", "1") and 1 < top < 128 and len(np.unique(a)) <= top + 1:
-        raise InputError(f"mask {path} holds the labels {sorted(np.unique(a).astype(int))[:6]}...: save masks as 0/255 "
+        labels = np.unique(a).astype(int).tolist()
+        raise InputError(f"mask {path} holds the labels {labels[:6]}{'...' if len(labels) > 6 else ''}: save masks as 0/255 "
                          "(or 0/1) images, foreground = 255")
     return a / (1.0 if top <= 1 or mode == "1" else 255.0 if top <= 255 else 65535.0)
 
@@ -1516,9 +1523,12 @@ def _tokens(path, name, root):
     object arrays (pickles, which can run code when loaded) are refused, never loaded."""
     if not path.is_file():
         raise _layout_error(name, root, f"missing {path.name}")
+    with open(path, "rb") as fh:
+        if fh.read(6) != b"\x93NUMPY":
+            raise InputError(f"{path}: not a .npy file (numpy.save writes them); expected a token list")
     try:
         t = np.load(path, allow_pickle=False)
-    except ValueError as e:  # object arrays, or not a .npy file at all
+    except ValueError as e:  # an object array: a pickle
         raise InputError(f"{path}: not a token list of strings or integers ({str(e).splitlines()[0]})") from None
     if not isinstance(t, np.ndarray) or t.ndim != 1 or len(t) == 0 or t.dtype.kind not in "USiu":
         raise InputError(f"{path}: expected a non-empty 1-D array of string or integer tokens, got "
