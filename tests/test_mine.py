@@ -43,6 +43,8 @@ def test_mine_near_zero_for_independent_pairs():
 def test_dv_bound_known_answer():
     t_joint, t_marg = torch.tensor([1.0, 3.0]), torch.tensor([0.0, 0.0])
     assert mine.dv_bound(t_joint, t_marg).item() == pytest.approx(2.0)  # mean 2 - log mean e^0
+    t_marg = torch.tensor([0.0, math.log(3.0)])  # log mean(1, 3) = log 2, not the mean log 3 / 2
+    assert mine.dv_bound(t_joint, t_marg).item() == pytest.approx(2.0 - math.log(2.0))
 
 
 def test_layer_pairs_are_the_regions_of_eq_11(monkeypatch):

@@ -1,0 +1,151 @@
+"""Classroom kit: turn equations into assignments and grade them with their tests.
+
+    python scripts/assignment.py --list                              # the gradable functions
+    python scripts/assignment.py club ils_mi_loss --out hw1          # a student copy with those blanked
+    cd hw1 && python scripts/assignment.py --grade                   # a score per function
+    python scripts/assignment.py --table                             # the README's equation table
+
+A student copy is the whole project with the chosen functions' bodies replaced by
+`raise NotImplementedError(...)`; their signatures and docstrings stay. It records the assignment in
+ASSIGNMENT.json, and `--grade` runs exactly the tests of those functions and prints, per function,
+how many pass. The project's own files are never modified.
+
+EQUATIONS is the one map from equation to function to test: the README's table is printed from it
+(`--table`, checked by the test suite), and tests/test_assignment.py checks that every function's
+tests fail when its body is blanked and for a plausible mistake.
+"""
+import argparse
+import ast
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# (equation, what it is, [(module, function, [tests in tests/<file>::<name>])]), in the paper's order
+EQUATIONS = [
+    ("Eq. (1)", "`x = m*f + (1-m)*b`", [
+        ("ilsgan", "composite", ["test_equations.py::test_composite_identities"])]),
+    ("Eq. (2)", "adversarial loss (non-saturating)", [
+        ("ilsgan", "g_adversarial_loss", ["test_equations.py::test_adversarial_losses_equal_binary_cross_entropy"]),
+        ("ilsgan", "d_adversarial_loss", ["test_equations.py::test_adversarial_losses_equal_binary_cross_entropy"])]),
+    ("Eq. (3)", "perturbed composition", [
+        ("ilsgan", "random_shifts", ["test_equations.py::test_random_shifts_range"]),
+        ("ilsgan", "shift_image", ["test_equations.py::test_shift_image_known_answer",
+                                   "test_equations.py::test_perturbed_composite_moves_f_and_m_but_not_b"]),
+        ("ilsgan", "perturbed_composite", ["test_equations.py::test_perturbed_composite_moves_f_and_m_but_not_b"])]),
+    ("Eq. (4)", "`L_m`, `L_b`", [
+        ("ilsgan", "mask_area_loss", ["test_equations.py::test_mask_area_loss_known_answers"]),
+        ("ilsgan", "binarization_loss", ["test_equations.py::test_binarization_loss_known_answers"])]),
+    ("Eq. (5)", "R1 and the ILS weight's warm-up (the objectives themselves: `train_step`)", [
+        ("ilsgan", "r1_penalty", ["test_equations.py::test_r1_of_a_linear_discriminator_is_squared_weight_norm"]),
+        ("ilsgan", "ils_weight", ["test_equations.py::test_ils_weight_schedule_matches_official_at_8000_kimg"])]),
+    ("Eq. (8)-(9)", "CLUB with a Laplace `q`", [
+        ("ilsgan", "club", ["test_equations.py::test_club_is_zero_for_independent_and_large_for_copied_layers",
+                            "test_equations.py::test_club_known_answer_laplace_and_gaussian"])]),
+    ("Eq. (10)-(12)", "ILS-MI on visible/hidden regions; Table 3's ablation switches", [
+        ("ilsgan", "ils_mi_loss", ["test_equations.py::test_ils_mi_loss_equals_two_club_terms_on_regions",
+                                   "test_equations.py::test_ils_mi_is_lower_for_independent_layers",
+                                   "test_equations.py::test_ils_mi_ablation_switches_route_gradients"]),
+        ("ilsgan", "gate_gradients", ["test_equations.py::test_ils_gradients_are_gated_outside_minus_one_one"])]),
+    ("Eq. (13)", "ILS-L1", [
+        ("ilsgan", "ils_l1_loss", ["test_equations.py::test_ils_l1_known_answer_and_detached_visible_layer"])]),
+    ("StyleGAN2", "modulated conv (and its x2 upsampling)", [
+        ("ilsgan", "modulated_conv2d", ["test_model.py::test_grouped_modulated_conv_equals_per_sample_loop",
+                                        "test_model.py::test_demodulation_gives_unit_variance_outputs",
+                                        "test_model.py::test_upsampling_modulated_conv_equals_its_definition"])]),
+    ("ADA", "the p controller", [
+        ("ilsgan", "ada_adjust", ["test_equations.py::test_ada_adjust_step_and_clamp"])]),
+    ("MINE", "the Donsker-Varadhan bound (`mine.py`)", [
+        ("mine", "dv_bound", ["test_mine.py::test_dv_bound_known_answer"])]),
+]
+FUNCTIONS = {name: (eq, module, tests) for eq, _, rows in EQUATIONS for module, name, tests in rows}
+
+
+def readme_table():
+    """The README's 'Where each equation lives' table."""
+    lines = ["| paper | function | tests (`tests/...`) |", "|---|---|---|"]
+    for eq, what, rows in EQUATIONS:
+        tests = dict.fromkeys(t for _, _, ts in rows for t in ts)  # in order, once each
+        names = ", ".join(f"`{n}`" if m == "ilsgan" else f"`{m}.{n}`" for m, n, _ in rows)
+        lines.append(f"| {eq} {what} | {names} | {', '.join(f'`{t}`' for t in tests)} |")
+    return "\n".join(lines)
+
+
+def blank(source, name, eq):
+    """source with function `name`'s body replaced by a NotImplementedError; signature and docstring kept."""
+    node = next((n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.FunctionDef) and n.name == name), None)
+    if node is None:
+        raise SystemExit(f"error: no function {name} in the source")
+    body = node.body[1:] if ast.get_docstring(node) is not None else node.body
+    lines = source.splitlines(keepends=True)
+    indent = re.match(r"\s*", lines[body[0].lineno - 1]).group()
+    todo = f'{indent}raise NotImplementedError("{eq}: write {name} (its docstring says what it returns)")\n'
+    return "".join(lines[: body[0].lineno - 1] + [todo] + lines[node.end_lineno:])
+
+
+def make_copy(names, out):
+    unknown = [n for n in names if n not in FUNCTIONS]
+    if unknown:
+        raise SystemExit(f"error: not gradable: {', '.join(unknown)} (python scripts/assignment.py --list)")
+    out = Path(out).resolve()
+    if out == ROOT or ROOT in out.parents:
+        raise SystemExit(f"error: --out {out} is inside the project; the student copy goes elsewhere")
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"error: --out {out} is not empty")
+    shutil.copytree(ROOT, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns(
+        ".git", "runs", "__pycache__", ".pytest_cache", "*.tmp", "*.pt", "ASSIGNMENT.json"))
+    for name in names:
+        eq, module, _ = FUNCTIONS[name]
+        path = out / f"{module}.py"
+        path.write_text(blank(path.read_text(), name, eq))
+    (out / "ASSIGNMENT.json").write_text(json.dumps({n: FUNCTIONS[n][0] for n in names}, indent=2))
+    print(f"wrote {out}: {', '.join(names)} blanked. Grade with: cd {out} && python scripts/assignment.py --grade")
+
+
+def grade(folder):
+    """Run the assigned functions' tests in `folder`; print passed/total per function; True if all pass."""
+    folder = Path(folder).resolve()
+    if not (folder / "ASSIGNMENT.json").is_file():
+        raise SystemExit(f"error: {folder} holds no ASSIGNMENT.json (run --grade inside a student copy)")
+    names = json.loads((folder / "ASSIGNMENT.json").read_text())
+    tests = sorted({t for n in names for t in FUNCTIONS[n][2]})
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider",
+                        *[f"tests/{t}" for t in tests]], cwd=folder, capture_output=True, text=True)
+    passed = set(re.findall(r"^PASSED tests/(\S+)", r.stdout, re.M))
+    total = 0
+    for name, eq in names.items():
+        ok = [t for t in FUNCTIONS[name][2] if t in passed]
+        total += len(ok) == len(FUNCTIONS[name][2])
+        print(f"{name:22s} {eq:14s} {len(ok)}/{len(FUNCTIONS[name][2])} tests pass")
+    print(f"score: {total}/{len(names)} functions")
+    return total == len(names)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("functions", nargs="*", help="functions to blank (see --list)")
+    ap.add_argument("--out", help="folder for the student copy (new or empty)")
+    ap.add_argument("--list", action="store_true", help="the gradable functions, their equations and tests")
+    ap.add_argument("--grade", nargs="?", const=".", metavar="DIR", help="grade the student copy DIR (default: here)")
+    ap.add_argument("--table", action="store_true", help="print the README's equation table")
+    args = ap.parse_args(argv)
+    if args.list:
+        for eq, what, rows in EQUATIONS:
+            for module, name, tests in rows:
+                print(f"{name:20s} {module + '.py':10s} {eq} {what}\n{'':31s} tests: {', '.join(tests)}")
+    elif args.table:
+        print(readme_table())
+    elif args.grade:
+        sys.exit(0 if grade(args.grade) else 1)
+    elif args.functions and args.out:
+        make_copy(args.functions, args.out)
+    else:
+        ap.error("give functions and --out, or --list, --grade or --table")
+
+
+if __name__ == "__main__":
+    main()
