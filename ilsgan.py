@@ -25,6 +25,7 @@ Contents. The lesson, in the paper's order:
 The lesson ends here. Appendix, plumbing you may skip:
     A. The synthetic benchmark's renderer   C. FID
     B. Real datasets on disk                D. Several processes (torchrun)
+    E. Guards: input checks, one run per folder
 and main(), the command line.
 
 Left out on purpose (and why):
@@ -49,7 +50,8 @@ Differences from the official code (qrzou/ILSGAN, a stylegan2-ada-pytorch fork):
       mask-area hinge, a border prior and two mask-spread hinges (weighted by lambda_guard), plus a
       collapse watch that names known failures in the log.
 
-Size budget: about 1,100 lines of code, comments and docstrings not counted.
+Size: about 1,200 lines of code (comments and docstrings not counted), about 750 of them the lesson;
+the appendix holds the renderer, the dataset layouts, FID, torchrun and the input guards.
 """
 import argparse
 import contextlib
@@ -196,54 +198,6 @@ def given(args, cls):
     """The fields of cls given on the command line, as overrides."""
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name) is not None}
 
-
-class InputError(ValueError):
-    """A problem with what was given (flags, files, folders): the scripts print it as `error: ...`."""
-
-
-def check(cfg, positive=(), nonneg=(), choices=None, rules=()):
-    """Raise InputError naming every field out of range (one line each) before any work is done.
-    rules: (field, ok, what it must be) for the conditions that need more than a sign or a list."""
-    rules = [*[(f, getattr(cfg, f) > 0, "positive") for f in positive],
-             *[(f, getattr(cfg, f) >= 0, "0 or more") for f in nonneg],
-             *[(f, getattr(cfg, f) in c, "one of " + " | ".join(c)) for f, c in (choices or {}).items()], *rules]
-    bad = [f"--{f.replace('_', '-')} {getattr(cfg, f)!r}: must be {what}" for f, ok, what in rules if not ok]
-    if bad:
-        raise InputError("invalid settings:\n  " + "\n  ".join(bad))
-
-
-def check_device(name):
-    """A device name that parses and exists here -> the torch.device."""
-    try:
-        dev = pick_device(name)
-    except RuntimeError:
-        raise InputError(f"--device {name!r}: not a device name (auto | cpu | cuda | cuda:N)") from None
-    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
-        raise InputError(f"--device {name}: PyTorch sees {torch.cuda.device_count() if torch.cuda.is_available() else 'no'}"
-                         " CUDA GPU here; use --device cpu (or auto)")
-    return dev
-
-
-def check_config(cfg):
-    """Config's ranges, choices and combinations (see check)."""
-    per_process = cfg.batch // int(os.environ.get("WORLD_SIZE", "1"))
-    root_ok = cfg.dataset == "synthetic" or Path(cfg.data_root).expanduser().is_dir()
-    check(cfg, positive=("n_train", "z_dim", "w_dim", "map_layers", "channel_max", "mbstd_group", "batch", "kimg",
-                         "lr", "r1_interval", "g_reg_interval", "ada_interval", "ada_kimg", "log_kimg", "snap_kimg"),
-          nonneg=("ema_kimg", "ema_rampup", "shift", "eta", "lambda_m", "lambda_b", "lambda_ils", "ils_warmup",
-                  "ils_warmup_weight", "lambda_guard", "mask_max", "mask_spread", "mask_spread_max", "lambda_border",
-                  "border_margin", "fid_n"),
-          choices=dict(dataset=tuple(LAYOUTS) + ("synthetic",), ils=("mi", "l1", "none"), ils_dist=("laplace", "gaussian"),
-                       amp=("auto", "off", "bf16", "fp16"), eval_preset=("auto", "cpu", "official", "tiny")),
-          rules=[("resolution", cfg.resolution >= 16 and cfg.resolution & (cfg.resolution - 1) == 0, "a power of two, 16 or more"),
-                 ("channel_base", cfg.channel_base >= cfg.resolution, f"at least --resolution ({cfg.resolution})"),
-                 ("batch", per_process >= 1 and per_process % min(cfg.mbstd_group, per_process) == 0,
-                  f"a multiple of the minibatch-stddev group --mbstd-group {cfg.mbstd_group}, per process"),
-                 ("beta2", 0 <= cfg.beta2 < 1, "in [0, 1)"), ("shift", cfg.shift < 0.5, "below 0.5"),
-                 ("r1_gamma", cfg.r1_gamma >= 0 or cfg.r1_gamma == -1, "0 or more, or -1 (the official automatic value)"),
-                 ("fid_n", cfg.fid_n != 1, "0 (off) or 2 or more"),
-                 ("data_root", root_ok, f"an existing folder holding the {cfg.dataset} layout (see --check-data)")])
-    check_device(cfg.device)
 
 # ----------------------------------------------------------------------------------------------
 # 2. Building blocks: equalised learning rate (StyleGAN), weights scaled at run time
@@ -1223,78 +1177,6 @@ def write_results(run_dir, section, values):
     return results
 
 
-RUN_FILES = ("config.json", "stats.jsonl", "checkpoint.pt", "best.pt", "fid.jsonl", "results.json", "segmentation.png",
-             "oracle.png", "grid-*.png")
-
-
-def claim_run_folder(out, resuming, overwrite=False):
-    """A run folder belongs to one run: make it (or fail early if it cannot be written), and refuse to
-    start a second run in a folder that holds one, unless resuming it or told to overwrite it."""
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} is a file; give a folder")
-    check_writable(out)
-    held = [p for pattern in RUN_FILES for p in out.glob(pattern)]
-    if held and not resuming and not overwrite:
-        raise InputError(f"{out} holds a run ({', '.join(sorted({p.name for p in held})[:3])}): continue it with "
-                         f"--resume {out}, start it again with --overwrite, or give another --out")
-    if held and overwrite and not resuming:
-        for p in held:
-            p.unlink()
-    for p in out.glob("*.*.tmp"):  # half-written by a process that was killed (save_checkpoint, write_results)
-        pid = p.suffixes[-2][1:]
-        if pid.isdigit() and not process_alive(int(pid)):
-            p.unlink(missing_ok=True)
-
-
-def check_writable(folder):
-    """Make the folder if needed and fail now, not after hours of work, if it cannot be written."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test.{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise InputError(f"cannot write to {folder} ({e.strerror}): the results go there") from None
-
-
-@contextlib.contextmanager
-def folder_lock(folder, name=".lock", wait=0.0):
-    """While the block runs, folder/name holds this process's id, and no other process gets the same
-    lock (waiting up to `wait` seconds for it); a lock left by a killed process is taken over."""
-    path, t0 = folder / name, time.time()
-    while True:
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            text = path.read_text().strip() if path.exists() else ""
-            if text.isdigit() and not process_alive(int(text)):
-                path.unlink(missing_ok=True)  # its owner was killed
-            elif time.time() - t0 >= wait:
-                raise InputError(f"{folder} is in use by another process ({path.name}: pid {text or '?'}); wait for "
-                                 f"it to finish, or delete {path} if no process uses the folder") from None
-            else:
-                time.sleep(0.1)
-    os.write(fd, str(os.getpid()).encode())
-    os.close(fd)
-    try:
-        yield
-    finally:
-        path.unlink(missing_ok=True)
-
-
-def process_alive(pid):
-    if os.name != "posix":  # no harmless probe elsewhere: assume it is running
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
 def pick_device(name):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -1748,6 +1630,132 @@ def check_in_step(G):
         total = sum(p.double().sum() for p in G.parameters()).reshape(1)
         if (all_mean(total.clone()) - total).abs().item() > 1e-6 * total.abs().item():
             raise RuntimeError("processes diverged: their generators differ")
+
+
+# ----------------------------------------------------------------------------------------------
+# E. Guards: what was given is checked before any work, and a run folder belongs to one run
+# ----------------------------------------------------------------------------------------------
+
+
+class InputError(ValueError):
+    """A problem with what was given (flags, files, folders): the scripts print it as `error: ...`."""
+
+
+def check(cfg, positive=(), nonneg=(), choices=None, rules=()):
+    """Raise InputError naming every field out of range (one line each) before any work is done.
+    rules: (field, ok, what it must be) for the conditions that need more than a sign or a list."""
+    rules = [*[(f, getattr(cfg, f) > 0, "positive") for f in positive],
+             *[(f, getattr(cfg, f) >= 0, "0 or more") for f in nonneg],
+             *[(f, getattr(cfg, f) in c, "one of " + " | ".join(c)) for f, c in (choices or {}).items()], *rules]
+    bad = [f"--{f.replace('_', '-')} {getattr(cfg, f)!r}: must be {what}" for f, ok, what in rules if not ok]
+    if bad:
+        raise InputError("invalid settings:\n  " + "\n  ".join(bad))
+
+
+def check_device(name):
+    """A device name that parses and exists here -> the torch.device."""
+    try:
+        dev = pick_device(name)
+    except RuntimeError:
+        raise InputError(f"--device {name!r}: not a device name (auto | cpu | cuda | cuda:N)") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise InputError(f"--device {name}: PyTorch sees {torch.cuda.device_count() if torch.cuda.is_available() else 'no'}"
+                         " CUDA GPU here; use --device cpu (or auto)")
+    return dev
+
+
+def check_config(cfg):
+    """Config's ranges, choices and combinations (see check)."""
+    per_process = cfg.batch // int(os.environ.get("WORLD_SIZE", "1"))
+    root_ok = cfg.dataset == "synthetic" or Path(cfg.data_root).expanduser().is_dir()
+    check(cfg, positive=("n_train", "z_dim", "w_dim", "map_layers", "channel_max", "mbstd_group", "batch", "kimg",
+                         "lr", "r1_interval", "g_reg_interval", "ada_interval", "ada_kimg", "log_kimg", "snap_kimg"),
+          nonneg=("ema_kimg", "ema_rampup", "shift", "eta", "lambda_m", "lambda_b", "lambda_ils", "ils_warmup",
+                  "ils_warmup_weight", "lambda_guard", "mask_max", "mask_spread", "mask_spread_max", "lambda_border",
+                  "border_margin", "fid_n"),
+          choices=dict(dataset=tuple(LAYOUTS) + ("synthetic",), ils=("mi", "l1", "none"), ils_dist=("laplace", "gaussian"),
+                       amp=("auto", "off", "bf16", "fp16"), eval_preset=("auto", "cpu", "official", "tiny")),
+          rules=[("resolution", cfg.resolution >= 16 and cfg.resolution & (cfg.resolution - 1) == 0, "a power of two, 16 or more"),
+                 ("channel_base", cfg.channel_base >= cfg.resolution, f"at least --resolution ({cfg.resolution})"),
+                 ("batch", per_process >= 1 and per_process % min(cfg.mbstd_group, per_process) == 0,
+                  f"a multiple of the minibatch-stddev group --mbstd-group {cfg.mbstd_group}, per process"),
+                 ("beta2", 0 <= cfg.beta2 < 1, "in [0, 1)"), ("shift", cfg.shift < 0.5, "below 0.5"),
+                 ("r1_gamma", cfg.r1_gamma >= 0 or cfg.r1_gamma == -1, "0 or more, or -1 (the official automatic value)"),
+                 ("fid_n", cfg.fid_n != 1, "0 (off) or 2 or more"),
+                 ("data_root", root_ok, f"an existing folder holding the {cfg.dataset} layout (see --check-data)")])
+    check_device(cfg.device)
+
+
+RUN_FILES = ("config.json", "stats.jsonl", "checkpoint.pt", "best.pt", "fid.jsonl", "results.json", "segmentation.png",
+             "oracle.png", "grid-*.png")
+
+
+def claim_run_folder(out, resuming, overwrite=False):
+    """A run folder belongs to one run: make it (or fail early if it cannot be written), and refuse to
+    start a second run in a folder that holds one, unless resuming it or told to overwrite it."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file; give a folder")
+    check_writable(out)
+    held = [p for pattern in RUN_FILES for p in out.glob(pattern)]
+    if held and not resuming and not overwrite:
+        raise InputError(f"{out} holds a run ({', '.join(sorted({p.name for p in held})[:3])}): continue it with "
+                         f"--resume {out}, start it again with --overwrite, or give another --out")
+    if held and overwrite and not resuming:
+        for p in held:
+            p.unlink()
+    for p in out.glob("*.*.tmp"):  # half-written by a process that was killed (save_checkpoint, write_results)
+        pid = p.suffixes[-2][1:]
+        if pid.isdigit() and not process_alive(int(pid)):
+            p.unlink(missing_ok=True)
+
+
+def check_writable(folder):
+    """Make the folder if needed and fail now, not after hours of work, if it cannot be written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test.{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise InputError(f"cannot write to {folder} ({e.strerror}): the results go there") from None
+
+
+@contextlib.contextmanager
+def folder_lock(folder, name=".lock", wait=0.0):
+    """While the block runs, folder/name holds this process's id, and no other process gets the same
+    lock (waiting up to `wait` seconds for it); a lock left by a killed process is taken over."""
+    path, t0 = folder / name, time.time()
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            text = path.read_text().strip() if path.exists() else ""
+            if text.isdigit() and not process_alive(int(text)):
+                path.unlink(missing_ok=True)  # its owner was killed
+            elif time.time() - t0 >= wait:
+                raise InputError(f"{folder} is in use by another process ({path.name}: pid {text or '?'}); wait for "
+                                 f"it to finish, or delete {path} if no process uses the folder") from None
+            else:
+                time.sleep(0.1)
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def process_alive(pid):
+    if os.name != "posix":  # no harmless probe elsewhere: assume it is running
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 # ----------------------------------------------------------------------------------------------
