@@ -57,9 +57,9 @@ EQUATIONS = [
         ("ilsgan", "modulated_conv2d", ["test_model.py::test_grouped_modulated_conv_equals_per_sample_loop",
                                         "test_model.py::test_demodulation_gives_unit_variance_outputs",
                                         "test_model.py::test_upsampling_modulated_conv_equals_its_definition"])]),
-    ("ADA", "the p controller", [
+    ("ADA", "p controller", [
         ("ilsgan", "ada_adjust", ["test_equations.py::test_ada_adjust_step_and_clamp"])]),
-    ("MINE", "the Donsker-Varadhan bound (`mine.py`)", [
+    ("MINE", "Donsker-Varadhan bound (`mine.py`)", [
         ("mine", "dv_bound", ["test_mine.py::test_dv_bound_known_answer"])]),
 ]
 FUNCTIONS = {name: (eq, module, tests) for eq, _, rows in EQUATIONS for module, name, tests in rows}
@@ -67,11 +67,11 @@ FUNCTIONS = {name: (eq, module, tests) for eq, _, rows in EQUATIONS for module, 
 
 def readme_table():
     """The README's 'Where each equation lives' table."""
-    lines = ["| paper | function | tests (`tests/...`) |", "|---|---|---|"]
+    lines = ["| paper | function | tests |", "|---|---|---|"]
     for eq, what, rows in EQUATIONS:
         tests = dict.fromkeys(t for _, _, ts in rows for t in ts)  # in order, once each
         names = ", ".join(f"`{n}`" if m == "ilsgan" else f"`{m}.{n}`" for m, n, _ in rows)
-        lines.append(f"| {eq} {what} | {names} | {', '.join(f'`{t}`' for t in tests)} |")
+        lines.append(f"| {eq} {what} | {names} | {', '.join('`' + t.split('::')[1] + '`' for t in tests)} |")
     return "\n".join(lines)
 
 
