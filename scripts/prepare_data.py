@@ -104,7 +104,10 @@ def fetch(key, cache):
     if not path.is_file():
         print(f"downloading {url}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        urllib.request.urlretrieve(url, f"{path}.part")
+        try:
+            urllib.request.urlretrieve(url, f"{path}.part")
+        except OSError as e:
+            raise ilsgan.InputError(f"cannot download {url} ({e}): download it by hand and give its path") from None
         os.replace(f"{path}.part", path)
     return path
 
