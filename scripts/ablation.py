@@ -4,6 +4,7 @@
     python scripts/ablation.py --variants full no-ils --seeds 0 1 2 --jobs 2
     python scripts/ablation.py --table-only                 # tabulate what exists
     python scripts/ablation.py --mine-spread runs/ablation/full-seed0   # MINE's own spread on one checkpoint
+    python scripts/ablation.py --hidden-grid runs/ablation/full-seed0 runs/ablation/no-ils-seed0   # what each layer hides
 
 Each run is the full default job (`python ilsgan.py --seed N` with the variant's flags: train, U-Net,
 MINE) in <out>/<variant>-seed<N>, one thread per run (OMP_NUM_THREADS=1). A run whose results.json
@@ -21,6 +22,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -139,6 +142,22 @@ def mine_spread(run, seeds):
         print(f"{k:14s} {mean_sd(values)} (range {max(values) - min(values):.3f})")
 
 
+def hidden_grid(runs, path, n=8):
+    """What each layer hides (Eq. 10): per run, rows f, f_inv = f*(1-m), b, b_inv = b*m for the same
+    n latents; hidden regions are drawn on grey. Leakage shows as the object echoed in b_inv."""
+    sys.path.insert(0, str(ROOT))
+    import ilsgan
+    from torchvision.utils import save_image
+    rows = []
+    for run in runs:
+        _, G, _ = ilsgan.load_generator(ilsgan.find_checkpoint(run, best=True), "cpu")
+        s = next(ilsgan.sample(G, n, batch=n, seed=0))
+        f, b, m = s["f"], s["b"], s["m"]
+        rows += [f, f * (1 - m), b, b * m]  # 0 (grey after the mapping below) where the region is visible
+    save_image((torch.cat(rows).clamp(-1, 1) + 1) / 2, path, nrow=n, padding=1, pad_value=1)
+    print(f"wrote {path}: per run ({', '.join(map(str, runs))}) rows f, hidden f, b, hidden b")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="variants:\n" + "\n".join(f"  {k:15s} {' '.join(a) or '(defaults)':22s} {d}"
@@ -151,9 +170,14 @@ def main():
     ap.add_argument("--table-only", action="store_true", help="only tabulate the finished runs")
     ap.add_argument("--mine-spread", metavar="RUN", help="MINE with --mine-seeds on this run's checkpoint, then exit")
     ap.add_argument("--mine-seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--hidden-grid", nargs="+", metavar="RUN", help="draw the hidden regions of these runs "
+                    "(e.g. full-seed0 no-ils-seed0) into <out>/hidden.png, then exit")
     args, common = ap.parse_known_args()  # anything else goes to every ilsgan.py run
     if args.mine_spread:
         return mine_spread(Path(args.mine_spread), args.mine_seeds)
+    if args.hidden_grid:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        return hidden_grid([Path(r) for r in args.hidden_grid], Path(args.out) / "hidden.png")
     out = Path(args.out)
 
     def seeds_of(v):

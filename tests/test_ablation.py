@@ -51,3 +51,13 @@ def test_ablation_runs_two_variants_over_two_seeds_at_tiny_size(tmp_path):
     assert "| full | 2 |" in r.stdout and "| no-ils | 2 |" in r.stdout and "| no-ils | 0 1 |" in r.stdout
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)  # resumable: nothing left to run
     assert "4 of 4 runs already have their results; running 0" in again.stdout
+
+
+def test_hidden_grid_draws_four_rows_per_run(tiny_run, tmp_path):
+    from PIL import Image
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import ablation
+    out, cfg = tiny_run
+    ablation.hidden_grid([out, out], tmp_path / "hidden.png", n=4)
+    w, h = Image.open(tmp_path / "hidden.png").size
+    assert (w, h) == (4 * (cfg.resolution + 1) + 1, 8 * (cfg.resolution + 1) + 1)  # 2 runs x 4 rows, padding 1
