@@ -83,9 +83,11 @@ def scores(folder):
 
 
 def mean_sd(values):
+    """'mean ± sample sd', or the value alone for one seed (no spread to show)."""
     m = sum(values) / len(values)
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return f"{m:.3f} ± {sd:.3f}"
+    if len(values) == 1:
+        return f"{m:.3f}"
+    return f"{m:.3f} ± {math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)):.3f}"
 
 
 def table(out, variants, seeds_of):
