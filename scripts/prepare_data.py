@@ -120,8 +120,10 @@ def begin(out):
     if (out / "PREPARED.json").is_file():
         print(f"{out} is already prepared (PREPARED.json); delete it to build it again")
         return None
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()  # an empty folder made beforehand: the finished dataset takes its place
     if out.exists():
-        raise ilsgan.InputError(f"--out {out} exists but holds no PREPARED.json: give a new folder")
+        raise ilsgan.InputError(f"--out {out} exists but holds no PREPARED.json: give a new or empty folder")
     stage = out.with_name(out.name + ".partial")
     ilsgan.check_writable(stage)
     return stage
