@@ -73,6 +73,7 @@ def test_cub_missing_segmentation_names_the_file(cub_downloads, tmp_path):
     assert not (tmp_path / "birds").exists()  # nothing that looks complete
 
 
+@pytest.mark.slow
 def test_a_truncated_archive_is_one_clear_line(cub_downloads, tmp_path):
     cub, segs, _ = cub_downloads
     data = cub.read_bytes()
@@ -147,6 +148,7 @@ def cars_args(tmp_path, stub_detector):
             "--devkit", str(src / "devkit"), "--device", "cpu", "--check-resolution", "16"]
 
 
+@pytest.mark.slow
 def test_cars_end_to_end(tmp_path, cars_args):
     out = tmp_path / "cars"
     prepare_data.main([*cars_args, "--out", str(out)])
@@ -163,6 +165,7 @@ def test_cars_end_to_end(tmp_path, cars_args):
     assert ilsgan.load_dataset("cars", str(out), 16, "train")[0].shape == (2, 3, 16, 16)
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_continues_where_it_stopped(tmp_path, cars_args, monkeypatch):
     out, real_save, saved = tmp_path / "cars", prepare_data.save_png, []
 
@@ -189,6 +192,7 @@ def test_an_interrupted_run_continues_where_it_stopped(tmp_path, cars_args, monk
     assert json.loads((out / "PREPARED.json").read_text())["counts"]["train"]["kept"] == 2
 
 
+@pytest.mark.slow
 def test_dogs_end_to_end_and_missing_annotation(tmp_path, stub_detector):
     scipy_io = pytest.importorskip("scipy.io")
     stub_detector["name"] = "dogs"
@@ -214,6 +218,7 @@ def test_dogs_end_to_end_and_missing_annotation(tmp_path, stub_detector):
         prepare_data.main([*args, "--out", str(tmp_path / "dogs2")])
 
 
+@pytest.mark.slow
 def test_help_lists_the_three_datasets_and_their_inputs():
     r = subprocess.run([sys.executable, str(ROOT / "scripts/prepare_data.py"), "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "{cub,cars,dogs}" in r.stdout
