@@ -134,10 +134,8 @@ def finish(stage, out, record, dataset, check_res):
     shutil.rmtree(stage / "downloads", ignore_errors=True)
     os.replace(stage, Path(out).expanduser())
     print(f"wrote {out}")
-    if check_res:  # the same check as `ilsgan.py --check-data`
-        for split in ("train", "test"):
-            x, m = ilsgan.load_dataset(dataset, str(Path(out).expanduser()), check_res, split)
-            print(f"{split}: {len(x)} images at {check_res} px" + (f", mean foreground {m.float().mean():.3f}" if m is not None else ""))
+    if check_res:  # `ilsgan.py --check-data` on the result
+        ilsgan.check_data(ilsgan.make_config(dataset=dataset, data_root=str(Path(out).expanduser()), resolution=check_res))
 
 
 def save_png(array, path):
@@ -275,13 +273,6 @@ def select(det, box, class_id, a):
     return det["masks"][max(ok, key=lambda i: float(det["scores"][i])), 0].cpu().numpy() > 0.5, None
 
 
-def drc_crop(box, W, H):
-    """The DRC test crop: a square of 1.5x the box's longer side around its centre, clipped."""
-    x1, y1, x2, y2 = box
-    r, cx, cy = int(0.75 * max(x2 - x1, y2 - y1)), (x1 + x2) // 2, (y1 + y2) // 2
-    return max(0, cx - r), max(0, cy - r), min(W, cx + r), min(H, cy + r)
-
-
 def prepare_detected(a):
     stage = begin(a.out)
     if stage is None:
@@ -314,7 +305,7 @@ def prepare_detected(a):
             with torch.no_grad():
                 det = model([torch.from_numpy(img).permute(2, 0, 1).float().div(255).to(device)])[0]
             mask, why = select(det, box, class_id, a)
-            crop = drc_crop(box, img.shape[1], img.shape[0])
+            crop = ilsgan.drc_crop(box[0], box[1], box[2] - box[0], box[3] - box[1], img.shape[1], img.shape[0])
             if mask is not None and mask[crop[1]:crop[3], crop[0]:crop[2]].mean() < a.min_area:
                 mask, why = None, f"mask below {a.min_area} of the crop"
             if mask is None:

@@ -157,7 +157,7 @@ def test_cars_end_to_end(tmp_path, cars_args):
     assert record["counts"]["test"] == dict(annotated=2, kept=2, dropped=0, dropped_why={})
     assert list(np.load(out / "data_mrcnn_train_select.npy")) == ["00001", "00002"]
     x, m = ilsgan.load_dataset("cars", str(out), 16, "test")
-    crop = prepare_data.drc_crop((11, 9, 29, 23), 40, 32)  # the stub's mask is the box [10:30] x [8:24]
+    crop = ilsgan.drc_crop(11, 9, 18, 14, 40, 32)  # the annotated box; the stub's mask is [10:30] x [8:24]
     expect = np.zeros((32, 40))
     expect[8:24, 10:30] = 1
     expect = np.asarray(Image.fromarray((expect * 255).astype(np.uint8)).crop(crop).resize((16, 16), Image.NEAREST)) > 127
