@@ -47,15 +47,19 @@ def finished(folder):
 
 
 def run_all(runs, jobs, common):
-    """Run the pending (variant, seed, folder) triples, `jobs` at a time, one thread each."""
+    """Run the pending (variant, seed, folder) triples, `jobs` at a time, one thread each; return the
+    folders of the runs that failed."""
     pending = [r for r in runs if not finished(r[2])]
     print(f"{len(runs) - len(pending)} of {len(runs)} runs already have their results; running {len(pending)}")
-    active, t0 = [], time.time()
+    active, failed, t0 = [], [], time.time()
     while pending or active:
         while pending and len(active) < jobs:
             variant, seed, folder = pending.pop(0)
             folder.mkdir(parents=True, exist_ok=True)
-            start = ["--resume", str(folder)] if (folder / "checkpoint.pt").is_file() else ["--out", str(folder)]
+            if (folder / "checkpoint.pt").is_file():
+                start = ["--resume", str(folder)]
+            else:  # new, or killed before its first snapshot: nothing worth keeping, so start it afresh
+                start = ["--out", str(folder), "--overwrite"]
             cmd = [sys.executable, str(ROOT / "ilsgan.py"), "--seed", str(seed), *start, *VARIANTS[variant][0], *common]
             if start[0] == "--resume":  # the saved config already holds the variant and the common flags
                 cmd = [sys.executable, str(ROOT / "ilsgan.py"), *start]
@@ -68,8 +72,11 @@ def run_all(runs, jobs, common):
             if proc.poll() is not None:
                 log.close()
                 active.remove((proc, folder, log))
+                if proc.returncode != 0:
+                    failed.append(folder)
                 print(f"{folder.name}: {'done' if proc.returncode == 0 else f'exit {proc.returncode}, see log.txt'} "
                       f"({(time.time() - t0) / 60:.0f} min)", flush=True)
+    return failed
 
 
 def scores(folder):
@@ -184,10 +191,13 @@ def main():
 
     def seeds_of(v):
         return args.seeds if args.seeds is not None else list(range(SEEDS[v]))
+    failed = []
     if not args.table_only:
-        run_all([(v, s, out / f"{v}-seed{s}") for v in args.variants for s in seeds_of(v)], args.jobs, common)
+        failed = run_all([(v, s, out / f"{v}-seed{s}") for v in args.variants for s in seeds_of(v)], args.jobs, common)
     out.mkdir(parents=True, exist_ok=True)
     print(table(out, args.variants, seeds_of), end="")
+    if failed:
+        sys.exit(f"{len(failed)} run(s) failed; their log.txt says why: {', '.join(str(f) for f in failed)}")
 
 
 if __name__ == "__main__":

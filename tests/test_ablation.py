@@ -40,8 +40,13 @@ def test_ablation_runs_two_variants_over_two_seeds_at_tiny_size(tmp_path):
     cmd = [sys.executable, str(ROOT / "scripts" / "ablation.py"), "--variants", "full", "no-ils", "--seeds", "0", "1",
            "--out", str(tmp_path), "--jobs", "2", "--preset", "tiny", "--kimg", "0.05", "--evaluate",
            "--eval-preset", "tiny"]
+    killed = tmp_path / "full-seed0"  # a run killed before its first snapshot: started again, not refused
+    killed.mkdir()
+    (killed / "config.json").write_text("{}")
+    (killed / "stats.jsonl").write_text("")
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "exit" not in r.stdout, r.stdout
     for v in ("full", "no-ils"):
         for s in (0, 1):
             results = json.loads((tmp_path / f"{v}-seed{s}" / "results.json").read_text())
