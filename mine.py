@@ -134,13 +134,19 @@ def estimate_mi(x, y, mc, desc="MINE"):
 
 
 @torch.no_grad()
-def layer_pairs(G, n, res, seed=0):
-    """Generated layers resized to res: the Eq. (11) region pairs and the whole layers."""
+def generated_layers(G, n, res, seed=0):
+    """n generated layers f, b, m resized to res, f and b clamped to the image range [-1, 1] (the
+    official estimator reads them back from PNGs)."""
     f, b, m = [], [], []
     for batch in ilsgan.sample(G, n, 256, seed):
         for lst, v in ((f, batch["f"]), (b, batch["b"]), (m, batch["m"])):
             lst.append(ilsgan.resize_images(v, res))
-    f, b, m = torch.cat(f).clamp(-1, 1), torch.cat(b).clamp(-1, 1), torch.cat(m)
+    return torch.cat(f).clamp(-1, 1), torch.cat(b).clamp(-1, 1), torch.cat(m)
+
+
+def layer_pairs(G, n, res, seed=0):
+    """The Eq. (11) region pairs and the whole layers, from generated_layers."""
+    f, b, m = generated_layers(G, n, res, seed)
     return {"vis_fg;inv_bg": (f * m, b * m), "vis_bg;inv_fg": (b * (1 - m), f * (1 - m)), "whole f;b": (f, b)}
 
 

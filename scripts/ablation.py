@@ -5,6 +5,7 @@
     python scripts/ablation.py --table-only                 # tabulate what exists
     python scripts/ablation.py --mine-spread runs/ablation/full-seed0   # MINE's own spread on one checkpoint
     python scripts/ablation.py --hidden-grid runs/ablation/full-seed0 runs/ablation/no-ils-seed0   # what each layer hides
+    python scripts/ablation.py --mask-share runs/ablation/full-seed0 runs/ablation/ils-l1-seed0    # how much of the MI is the mask
 
 Each run is the full default job (`python ilsgan.py --seed N` with the variant's flags: train, U-Net,
 MINE) in <out>/<variant>-seed<N>, one thread per run (OMP_NUM_THREADS=1). A run whose results.json
@@ -151,6 +152,32 @@ def mine_spread(run, seeds):
         print(f"{k:14s} {mean_sd(values)} (range {max(values) - min(values):.3f})")
 
 
+def mask_share(runs, seed=0, preset="cpu"):
+    """Both variables of an Eq. (11) pair are cut out by the same mask, so each pair shares the mask's
+    information whatever the layers hold. Per run: MINE (mine.py's `preset`) on each region pair and
+    on the same visible region against the mask alone; and how far the hidden foreground, which no
+    loss bounds, leaves the image range [-1, 1] (MINE sees it clamped). Returns one dict per run."""
+    sys.path.insert(0, str(ROOT))
+    import ilsgan
+    import mine
+    rows = []
+    for run in runs:
+        mc = mine.make_config(preset, ckpt=str(run), seed=seed, device="cpu")
+        _, G, _ = ilsgan.load_generator(ilsgan.find_checkpoint(run, best=True), "cpu")
+        f, b, m = mine.generated_layers(G, mc.n, mc.res, seed)
+        m3 = m.expand_as(f).contiguous()
+        pairs = {"vis fg ; hidden bg": (f * m, b * m), "vis fg ; mask": (f * m, m3),
+                 "vis bg ; hidden fg": (b * (1 - m), f * (1 - m)), "vis bg ; mask": (b * (1 - m), 1 - m3)}
+        row = {k: mine.estimate_mi(x, y, mc, desc=f"MINE {k}")[0] for k, (x, y) in pairs.items()}
+        s = next(ilsgan.sample(G, 512, batch=512, seed=seed))
+        hidden_f = s["f"][(s["m"] < 0.5).expand_as(s["f"])].abs()
+        row["hidden f outside [-1, 1]"] = (hidden_f > 1).float().mean().item()
+        row["hidden f median |value|"] = hidden_f.median().item()
+        rows.append(row)
+        print(f"{run}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()), flush=True)
+    return rows
+
+
 def hidden_grid(runs, path, n=8):
     """What each layer hides (Eq. 10): per run, rows f, f_inv = f*(1-m), b, b_inv = b*m for the same
     n latents; hidden regions are drawn on grey. Leakage shows as the object echoed in b_inv."""
@@ -181,9 +208,14 @@ def main():
     ap.add_argument("--mine-seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--hidden-grid", nargs="+", metavar="RUN", help="draw the hidden regions of these runs "
                     "(e.g. full-seed0 no-ils-seed0) into <out>/hidden.png, then exit")
+    ap.add_argument("--mask-share", nargs="+", metavar="RUN", help="MINE of each Eq. (11) pair beside MINE of its "
+                    "visible region and the mask alone (both variables share the mask), then exit")
     args, common = ap.parse_known_args()  # anything else goes to every ilsgan.py run
     if args.mine_spread:
         return mine_spread(Path(args.mine_spread), args.mine_seeds)
+    if args.mask_share:
+        mask_share([Path(r) for r in args.mask_share])
+        return
     if args.hidden_grid:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         return hidden_grid([Path(r) for r in args.hidden_grid], Path(args.out) / "hidden.png")

@@ -66,3 +66,19 @@ def test_hidden_grid_draws_four_rows_per_run(tiny_run, tmp_path):
     ablation.hidden_grid([out, out], tmp_path / "hidden.png", n=4)
     w, h = Image.open(tmp_path / "hidden.png").size
     assert (w, h) == (4 * (cfg.resolution + 1) + 1, 8 * (cfg.resolution + 1) + 1)  # 2 runs x 4 rows, padding 1
+
+
+def test_mask_share_measures_the_eq11_pairs_as_mine_does(tiny_run):
+    import ilsgan
+    import mine
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import ablation
+    out, _ = tiny_run
+    row, = ablation.mask_share([out], preset="tiny")
+    mc = mine.make_config("tiny", ckpt=str(out), device="cpu")
+    _, G, _ = ilsgan.load_generator(ilsgan.find_checkpoint(out, best=True), "cpu")
+    pairs = mine.layer_pairs(G, mc.n, mc.res, mc.seed)
+    for ours, theirs in (("vis fg ; hidden bg", "vis_fg;inv_bg"), ("vis bg ; hidden fg", "vis_bg;inv_fg")):
+        assert row[ours] == mine.estimate_mi(*pairs[theirs], mc)[0]  # the same pairs, the same estimator
+    assert row["vis fg ; mask"] != row["vis fg ; hidden bg"]  # a different pair, not a copy
+    assert 0 <= row["hidden f outside [-1, 1]"] <= 1 and row["hidden f median |value|"] >= 0
