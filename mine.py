@@ -144,9 +144,8 @@ def generated_layers(G, n, res, seed=0):
     return torch.cat(f).clamp(-1, 1), torch.cat(b).clamp(-1, 1), torch.cat(m)
 
 
-def layer_pairs(G, n, res, seed=0):
-    """The Eq. (11) region pairs and the whole layers, from generated_layers."""
-    f, b, m = generated_layers(G, n, res, seed)
+def layer_pairs(f, b, m):
+    """The Eq. (11) region pairs and the whole layers of generated layers f, b, m."""
     return {"vis_fg;inv_bg": (f * m, b * m), "vis_bg;inv_fg": (b * (1 - m), f * (1 - m)), "whole f;b": (f, b)}
 
 
@@ -160,7 +159,7 @@ def evaluate(mc):
     ilsgan.check_writable(ckpt_path.parent)
     _, G, _ = ilsgan.load_generator(ckpt_path, dev)
     t0, out = time.time(), {}
-    for name, (x, y) in layer_pairs(G, mc.n, mc.res, mc.seed).items():
+    for name, (x, y) in layer_pairs(*generated_layers(G, mc.n, mc.res, mc.seed)).items():
         out[name], _ = estimate_mi(x, y, mc, desc=f"MINE {name}")
     out["sum (Eq. 11)"] = out["vis_fg;inv_bg"] + out["vis_bg;inv_fg"]
     section = dict(protocol=f"MINE ({ilsgan.preset_name(mc, PRESETS)} preset: {mc.n} samples at {mc.res}px, MLP {mc.hidden}, "

@@ -139,10 +139,10 @@ def mine_spread(run, seeds):
     import mine
     print(f"MINE on {run}, seeds {seeds} (samples and statistics network drawn anew for each)")
     rows = []
+    _, G, _ = ilsgan.load_generator(ilsgan.find_checkpoint(run, best=True), "cpu")
     for seed in seeds:
         mc = mine.make_config("cpu", ckpt=str(run), seed=seed, device="cpu")
-        _, G, _ = ilsgan.load_generator(ilsgan.find_checkpoint(run, best=True), "cpu")
-        pairs = mine.layer_pairs(G, mc.n, mc.res, seed)
+        pairs = mine.layer_pairs(*mine.generated_layers(G, mc.n, mc.res, seed))
         est = {k: mine.estimate_mi(x, y, mc, desc=f"MINE {k}")[0] for k, (x, y) in pairs.items()}
         est["sum (Eq. 11)"] = est["vis_fg;inv_bg"] + est["vis_bg;inv_fg"]
         rows.append(est)
@@ -165,9 +165,9 @@ def mask_share(runs, seed=0, preset="cpu"):
         mc = mine.make_config(preset, ckpt=str(run), seed=seed, device="cpu")
         _, G, _ = ilsgan.load_generator(ilsgan.find_checkpoint(run, best=True), "cpu")
         f, b, m = mine.generated_layers(G, mc.n, mc.res, seed)
-        m3 = m.expand_as(f).contiguous()
-        pairs = {"vis fg ; hidden bg": (f * m, b * m), "vis fg ; mask": (f * m, m3),
-                 "vis bg ; hidden fg": (b * (1 - m), f * (1 - m)), "vis bg ; mask": (b * (1 - m), 1 - m3)}
+        eq11, m3 = mine.layer_pairs(f, b, m), m.expand_as(f).contiguous()
+        pairs = {"vis fg ; hidden bg": eq11["vis_fg;inv_bg"], "vis fg ; mask": (f * m, m3),
+                 "vis bg ; hidden fg": eq11["vis_bg;inv_fg"], "vis bg ; mask": (b * (1 - m), 1 - m3)}
         row = {k: mine.estimate_mi(x, y, mc, desc=f"MINE {k}")[0] for k, (x, y) in pairs.items()}
         s = next(ilsgan.sample(G, 512, batch=512, seed=seed))
         hidden_f = s["f"][(s["m"] < 0.5).expand_as(s["f"])].abs()

@@ -77,7 +77,7 @@ def test_mask_share_measures_the_eq11_pairs_as_mine_does(tiny_run):
     row, = ablation.mask_share([out], preset="tiny")
     mc = mine.make_config("tiny", ckpt=str(out), device="cpu")
     _, G, _ = ilsgan.load_generator(ilsgan.find_checkpoint(out, best=True), "cpu")
-    pairs = mine.layer_pairs(G, mc.n, mc.res, mc.seed)
+    pairs = mine.layer_pairs(*mine.generated_layers(G, mc.n, mc.res, mc.seed))
     for ours, theirs in (("vis fg ; hidden bg", "vis_fg;inv_bg"), ("vis bg ; hidden fg", "vis_bg;inv_fg")):
         assert row[ours] == mine.estimate_mi(*pairs[theirs], mc)[0]  # the same pairs, the same estimator
     assert row["vis fg ; mask"] != row["vis fg ; hidden bg"]  # a different pair, not a copy

@@ -52,7 +52,7 @@ def test_layer_pairs_are_the_regions_of_eq_11(monkeypatch):
     f, b = torch.rand(3, 3, 8, 8) * 2 - 1, torch.rand(3, 3, 8, 8) * 2 - 1
     m = torch.rand(3, 1, 8, 8)
     monkeypatch.setattr(ilsgan, "sample", lambda G, n, batch, seed: iter([dict(f=f, b=b, m=m)]))
-    pairs = mine.layer_pairs(None, 3, 8)
+    pairs = mine.layer_pairs(*mine.generated_layers(None, 3, 8))
     torch.testing.assert_close(pairs["vis_fg;inv_bg"], (f * m, b * m))  # f visible, b hidden under it
     torch.testing.assert_close(pairs["vis_bg;inv_fg"], (b * (1 - m), f * (1 - m)))  # b visible, f hidden
     torch.testing.assert_close(pairs["whole f;b"], (f, b))
