@@ -47,6 +47,17 @@ def finished(folder):
     return path.is_file() and {"segmentation", "mi"} <= set(json.loads(path.read_text()))
 
 
+def machine():
+    """Where and on what a run is made: the CPU (or GPU), torch, the code's commit. Runs are deterministic
+    in their seed only on one of these, so the table says which it drew from."""
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), None) if Path("/proc/cpuinfo").is_file() else None
+    git = ["git", "-C", str(ROOT)]
+    commit = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout
+    return dict(cpu=cpu or "unknown", torch=torch.__version__, threads=1, code=(commit or "unknown") + ("+dirty" if dirty else ""))
+
+
 def run_all(runs, jobs, common):
     """Run the pending (variant, seed, folder) triples, `jobs` at a time, one thread each; return the
     folders of the runs that failed."""
@@ -61,6 +72,7 @@ def run_all(runs, jobs, common):
                 start = ["--resume", str(folder)]
             else:  # new, or killed before its first snapshot: nothing worth keeping, so start it afresh
                 start = ["--out", str(folder), "--overwrite"]
+                (folder / "machine.json").write_text(json.dumps(machine()) + "\n")
             cmd = [sys.executable, str(ROOT / "ilsgan.py"), "--seed", str(seed), *start, *VARIANTS[variant][0], *common]
             if start[0] == "--resume":  # the saved config already holds the variant and the common flags
                 cmd = [sys.executable, str(ROOT / "ilsgan.py"), *start]
@@ -126,6 +138,12 @@ def table(out, variants, seeds_of):
                      f"{sum(d_iou) / len(d_iou):+.3f} | {sum(d < 0 for d in d_iou)} of {len(common)} | "
                      f"{' / '.join(f'{d:+.3f}' for d in d_mi)} | {sum(d_mi) / len(d_mi):+.3f} | "
                      f"{sum(d > 0 for d in d_mi)} of {len(common)} |")
+    made = {json.dumps(json.loads((out / f"{v}-seed{s}" / "machine.json").read_text()), sort_keys=True)
+            if (out / f"{v}-seed{s}" / "machine.json").is_file() else "{}" for v in got for s in got[v]}
+    made = [json.loads(m) for m in sorted(made)]
+    say = [f"{m.get('cpu', 'unrecorded machine')}, torch {m.get('torch', '?')}, code {m.get('code', '?')}" for m in made]
+    lines += [] if not say else ["", ("All runs on one machine and code: " if len(say) == 1 else
+                   f"Runs from {len(say)} machines or code versions, so not all comparable seed by seed: ") + "; ".join(say) + "."]
     text = "\n".join(lines) + "\n"
     (out / "ablation.md").write_text(text)
     return text

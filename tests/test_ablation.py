@@ -8,8 +8,9 @@ import pytest
 from conftest import ROOT
 
 
-def fake_run(folder, iou, mi_sum, flags=()):
+def fake_run(folder, iou, mi_sum, flags=(), cpu="CPU A"):
     folder.mkdir(parents=True)
+    (folder / "machine.json").write_text(json.dumps(dict(cpu=cpu, torch="2.x", threads=1, code="abc1234")))
     seg = dict(test=dict(iou=iou, dice=iou + 0.05))
     mi = dict(nats={"vis_fg;inv_bg": mi_sum / 2, "vis_bg;inv_fg": mi_sum / 2, "sum (Eq. 11)": mi_sum, "whole f;b": 0.5})
     (folder / "results.json").write_text(json.dumps(dict(segmentation=seg, mi=mi)))
@@ -20,7 +21,8 @@ def test_table_means_and_paired_differences(tmp_path):
     for seed, (iou, mi) in enumerate([(0.80, 3.0), (0.90, 3.2), (0.85, 2.8)]):
         fake_run(tmp_path / f"full-seed{seed}", iou, mi)
     for seed, (iou, mi) in enumerate([(0.70, 4.0), (0.95, 3.0)]):  # seed 2 never finished
-        fake_run(tmp_path / f"no-ils-seed{seed}", iou, mi, flags=["mask-fixed"] if seed else [])
+        fake_run(tmp_path / f"no-ils-seed{seed}", iou, mi, flags=["mask-fixed"] if seed else [],
+                 cpu="CPU B" if seed else "CPU A")
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "ablation.py"), "--table-only", "--out", str(tmp_path),
                         "--variants", "full", "no-ils", "--seeds", "0", "1", "2"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
@@ -33,6 +35,7 @@ def test_table_means_and_paired_differences(tmp_path):
     cells = [c.strip() for c in paired.split("|")[1:-1]]
     assert cells[2:] == ["-0.100 / +0.050", "-0.025", "1 of 2", "+1.000 / -0.200", "+0.400", "1 of 2"]
     assert (tmp_path / "ablation.md").read_text() in r.stdout
+    assert "Runs from 2 machines or code versions" in r.stdout and "CPU B, torch 2.x, code abc1234" in r.stdout
 
 
 @pytest.mark.slow
@@ -53,6 +56,8 @@ def test_ablation_runs_two_variants_over_two_seeds_at_tiny_size(tmp_path):
             assert {"segmentation", "mi"} <= set(results)
     config = json.loads((tmp_path / "no-ils-seed1" / "config.json").read_text())
     assert config["ils"] == "none" and config["seed"] == 1
+    assert json.loads((tmp_path / "no-ils-seed1" / "machine.json").read_text())["threads"] == 1
+    assert "All runs on one machine and code: " in r.stdout
     assert "| full | 2 |" in r.stdout and "| no-ils | 2 |" in r.stdout and "| no-ils | 0 1 |" in r.stdout
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)  # resumable: nothing left to run
     assert "4 of 4 runs already have their results; running 0" in again.stdout
