@@ -48,8 +48,8 @@ def finished(folder):
 
 
 def machine():
-    """Where and on what a run is made: the CPU (or GPU), torch, the code's commit. Runs are deterministic
-    in their seed only on one of these, so the table says which it drew from."""
+    """Where and on what a run is made: the CPU, torch, the code's commit. Runs are deterministic in their
+    seed only on one of these, so the table says which it drew from."""
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), None) if Path("/proc/cpuinfo").is_file() else None
     git = ["git", "-C", str(ROOT)]
@@ -63,7 +63,7 @@ def run_all(runs, jobs, common):
     folders of the runs that failed."""
     pending = [r for r in runs if not finished(r[2])]
     print(f"{len(runs) - len(pending)} of {len(runs)} runs already have their results; running {len(pending)}")
-    active, failed, t0 = [], [], time.time()
+    active, failed, t0, made = [], [], time.time(), json.dumps(machine()) + "\n"
     while pending or active:
         while pending and len(active) < jobs:
             variant, seed, folder = pending.pop(0)
@@ -72,7 +72,7 @@ def run_all(runs, jobs, common):
                 start = ["--resume", str(folder)]
             else:  # new, or killed before its first snapshot: nothing worth keeping, so start it afresh
                 start = ["--out", str(folder), "--overwrite"]
-                (folder / "machine.json").write_text(json.dumps(machine()) + "\n")
+                (folder / "machine.json").write_text(made)
             cmd = [sys.executable, str(ROOT / "ilsgan.py"), "--seed", str(seed), *start, *VARIANTS[variant][0], *common]
             if start[0] == "--resume":  # the saved config already holds the variant and the common flags
                 cmd = [sys.executable, str(ROOT / "ilsgan.py"), *start]
@@ -99,7 +99,9 @@ def scores(folder):
     results = json.loads((folder / "results.json").read_text())
     last = json.loads((folder / "stats.jsonl").read_text().splitlines()[-1])
     seg, mi = results["segmentation"]["test"], results["mi"]["nats"]
-    return dict(iou=seg["iou"], dice=seg["dice"], **{k: mi[k] for k in PAIRS}, flagged=bool(last["flags"]))
+    made = json.loads((folder / "machine.json").read_text()) if (folder / "machine.json").is_file() else {}
+    return dict(iou=seg["iou"], dice=seg["dice"], **{k: mi[k] for k in PAIRS}, flagged=bool(last["flags"]),
+                machine=f"{made.get('cpu', 'unrecorded machine')}, torch {made.get('torch', '?')}, code {made.get('code', '?')}")
 
 
 def mean_sd(values):
@@ -138,10 +140,7 @@ def table(out, variants, seeds_of):
                      f"{sum(d_iou) / len(d_iou):+.3f} | {sum(d < 0 for d in d_iou)} of {len(common)} | "
                      f"{' / '.join(f'{d:+.3f}' for d in d_mi)} | {sum(d_mi) / len(d_mi):+.3f} | "
                      f"{sum(d > 0 for d in d_mi)} of {len(common)} |")
-    made = {json.dumps(json.loads((out / f"{v}-seed{s}" / "machine.json").read_text()), sort_keys=True)
-            if (out / f"{v}-seed{s}" / "machine.json").is_file() else "{}" for v in got for s in got[v]}
-    made = [json.loads(m) for m in sorted(made)]
-    say = [f"{m.get('cpu', 'unrecorded machine')}, torch {m.get('torch', '?')}, code {m.get('code', '?')}" for m in made]
+    say = sorted({r["machine"] for runs in got.values() for r in runs.values()})
     lines += [] if not say else ["", ("All runs on one machine and code: " if len(say) == 1 else
                    f"Runs from {len(say)} machines or code versions, so not all comparable seed by seed: ") + "; ".join(say) + "."]
     text = "\n".join(lines) + "\n"
