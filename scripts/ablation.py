@@ -221,22 +221,26 @@ def main():
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
     ap.add_argument("--out", default="runs/ablation")
     ap.add_argument("--table-only", action="store_true", help="only tabulate the finished runs")
-    ap.add_argument("--mine-spread", metavar="RUN", help="MINE with --mine-seeds on this run's checkpoint, then exit")
+    ap.add_argument("--mine-spread", metavar="RUN", help="MINE with --mine-seeds on this run's checkpoint, then exit "
+                    "(RUN: a run folder, or a run's name under --out)")
     ap.add_argument("--mine-seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--hidden-grid", nargs="+", metavar="RUN", help="draw the hidden regions of these runs "
                     "(e.g. full-seed0 no-ils-seed0) into <out>/hidden.png, then exit")
     ap.add_argument("--mask-share", nargs="+", metavar="RUN", help="MINE of each Eq. (11) pair beside MINE of its "
                     "visible region and the mask alone (both variables share the mask), then exit")
     args, common = ap.parse_known_args()  # anything else goes to every ilsgan.py run
+    out = Path(args.out)
+
+    def run_path(r):  # a run folder, or a run's name under --out
+        return Path(r) if Path(r).exists() or not (out / r).exists() else out / r
     if args.mine_spread:
-        return mine_spread(Path(args.mine_spread), args.mine_seeds)
+        return mine_spread(run_path(args.mine_spread), args.mine_seeds)
     if args.mask_share:
-        mask_share([Path(r) for r in args.mask_share])
+        mask_share([run_path(r) for r in args.mask_share])
         return
     if args.hidden_grid:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        return hidden_grid([Path(r) for r in args.hidden_grid], Path(args.out) / "hidden.png")
-    out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        return hidden_grid([run_path(r) for r in args.hidden_grid], out / "hidden.png")
 
     def seeds_of(v):
         return args.seeds if args.seeds is not None else list(range(SEEDS[v]))

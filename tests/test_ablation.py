@@ -73,6 +73,14 @@ def test_hidden_grid_draws_four_rows_per_run(tiny_run, tmp_path):
     assert (w, h) == (4 * (cfg.resolution + 1) + 1, 8 * (cfg.resolution + 1) + 1)  # 2 runs x 4 rows, padding 1
 
 
+def test_run_options_take_a_run_name_under_out(tiny_run):
+    out, _ = tiny_run
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "ablation.py"), "--out", str(out.parent),
+                        "--hidden-grid", out.name], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (out.parent / "hidden.png").exists()
+
+
 def test_mask_share_measures_the_eq11_pairs_as_mine_does(tiny_run):
     import ilsgan
     import mine
