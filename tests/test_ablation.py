@@ -95,3 +95,15 @@ def test_mask_share_measures_the_eq11_pairs_as_mine_does(tiny_run):
         assert row[ours] == mine.estimate_mi(*pairs[theirs], mc)[0]  # the same pairs, the same estimator
     assert row["vis fg ; mask"] != row["vis fg ; hidden bg"]  # a different pair, not a copy
     assert 0 <= row["hidden f outside [-1, 1]"] <= 1 and row["hidden f median |value|"] >= 0
+
+
+def test_readme_ablation_table_is_the_record_in_docs(tmp_path):
+    """Every figure of the README's ablation table comes from `ablation.py --table-only --out docs/ablation`."""
+    import shutil
+    record = tmp_path / "ablation"  # a copy, so that the test writes nothing into the repository
+    shutil.copytree(ROOT / "docs" / "ablation", record, ignore=shutil.ignore_patterns("*.pt", "*.png", "log.txt"))
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "ablation.py"), "--table-only", "--out", str(record)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == (ROOT / "docs" / "ablation" / "ablation.md").read_text()
+    assert r.stdout.strip() in (ROOT / "README.md").read_text()
