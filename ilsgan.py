@@ -65,6 +65,7 @@ import re
 import shutil
 import sys
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,6 +140,7 @@ class Config:
     channels_last: bool = True  # memory format: faster convolutions on CPU and GPU
     amp: str = "auto"  # mixed precision of the networks' convolutions: auto (bf16 on a GPU that has it, else off) | off | bf16 | fp16
     tf32: bool = False  # allow TF32 matmuls and convolutions on Ampere+ GPUs (official: off)
+    compile: bool = False  # torch.compile the generator's training passes: fewer, fused kernels after a minute of compiling (needs a C++ compiler on a CPU); D stays eager, as R1 differentiates it twice
     fid_n: int = 0  # FID of this many samples at every snapshot; keeps the lowest-FID one as best.pt (0 = off)
     evaluate: bool = True  # after training: U-Net distillation and IoU (unet_eval.py), MINE (mine.py)
     eval_preset: str = "auto"  # preset of unet_eval.py and mine.py: cpu | official | auto (cpu on a CPU)
@@ -205,7 +207,8 @@ def given(args, cls):
 
 
 class EqualLinear(nn.Module):
-    """y = x @ (W * lr_mul / sqrt(in))^T + b * lr_mul, W ~ N(0, 1/lr_mul^2)."""
+    """y = x @ (W * lr_mul / sqrt(in))^T + b * lr_mul, W ~ N(0, 1/lr_mul^2): the weights are scaled
+    at run time (equalised learning rate), so that Adam's steps are alike for every layer."""
 
     def __init__(self, cin, cout, bias_init=0.0, lr_mul=1.0, act=False):
         super().__init__()
@@ -214,11 +217,20 @@ class EqualLinear(nn.Module):
         self.scale, self.lr_mul, self.act = lr_mul / math.sqrt(cin), lr_mul, act
 
     def forward(self, x):
-        x = F.linear(x, self.weight * self.scale, self.bias * self.lr_mul)
-        return F.leaky_relu(x, 0.2) * math.sqrt(2) if self.act else x
+        x = torch.addmm(self.bias, x, self.weight.t(), beta=self.lr_mul, alpha=self.scale)  # one product
+        return lrelu(x) if self.act else x
 
 
 CONV_CLAMP = 256  # official (conv_clamp): conv outputs are clamped to +-256 (times the activation gain)
+
+
+def lrelu(x, clamp=None, gain=math.sqrt(2)):
+    """StyleGAN's activation: leaky ReLU (slope 0.2) times a gain, sqrt(2) to keep the signal's
+    variance; official conv_clamp: then bounded to +-clamp * gain (hardtanh is that clamp, with a
+    one-kernel backward)."""
+    x = F.leaky_relu(x, 0.2)
+    x = x * gain if gain != 1 else x
+    return x if clamp is None else F.hardtanh(x, -clamp * gain, clamp * gain)
 
 
 def full_precision(t):
@@ -226,51 +238,52 @@ def full_precision(t):
     return torch.autocast(t.device.type, enabled=False)
 
 
-FIR = torch.tensor([1.0, 3.0, 3.0, 1.0])  # StyleGAN2's resampling filter (outer product with itself in 2-D)
+def fir_filter():
+    """StyleGAN2's resampling filter, [1,3,3,1] x [1,3,3,1] normalised to gain 4 (that of x2
+    upsampling): [1,1,4,4]. The modules keep it as a buffer, so it is on their device already."""
+    f = torch.tensor([1.0, 3.0, 3.0, 1.0])
+    return (torch.outer(f, f) / 16)[None, None]
 
 
-def fir_kernel(channels, gain, like):
-    """The [1,3,3,1] x [1,3,3,1] filter summing to `gain`, one per channel: [C,1,4,4]."""
-    k = torch.outer(FIR, FIR)
-    return (k * gain / k.sum()).to(like)[None, None].expand(channels, 1, 4, 4)
-
-
-def upsample2d(x):
-    """x2 upsampling as StyleGAN2: zeros between the pixels, then the [1,3,3,1] filter with gain 4,
-    as one depthwise transposed conv. [B,C,H,W] -> [B,C,2H,2W]."""
-    return F.conv_transpose2d(x, fir_kernel(x.shape[1], 4, x), stride=2, padding=1, groups=x.shape[1])
+def upsample2d(x, fir):
+    """x2 upsampling as StyleGAN2: zeros between the pixels, then the filter `fir` [1,1,4,4], as one
+    depthwise transposed conv. [B,C,H,W] -> [B,C,2H,2W]."""
+    C = x.shape[1]
+    return F.conv_transpose2d(x, fir.to(x.dtype).expand(C, 1, 4, 4), stride=2, padding=1, groups=C)
 
 
 class EqualConv2d(nn.Module):
-    """Equalised-lr conv, optional 2x downsampling (2x2 box filter) before it, lrelu * sqrt(2) after."""
+    """Equalised-lr conv, optional 2x downsampling (2x2 box filter) before it, then lrelu * gain
+    (default sqrt(2)) or, without act, the output times gain (default 1)."""
 
-    def __init__(self, cin, cout, k, act=True, bias=True, down=False):
+    def __init__(self, cin, cout, k, act=True, bias=True, down=False, gain=None):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(cout, cin, k, k))
         self.bias = nn.Parameter(torch.zeros(cout)) if bias else None
-        self.scale, self.act, self.down = 1 / math.sqrt(cin * k * k), act, down
+        self.gain = (math.sqrt(2) if act else 1.0) if gain is None else gain
+        self.scale, self.act, self.down = 1 / math.sqrt(cin * k * k) * (1 if act else self.gain), act, down
 
     def forward(self, x):
         if self.down:
             x = F.avg_pool2d(x, 2)
         x = F.conv2d(x, self.weight * self.scale, self.bias, padding=self.weight.shape[-1] // 2)
-        if not self.act:
-            return x
-        return (F.leaky_relu(x, 0.2) * math.sqrt(2)).clamp(-CONV_CLAMP * math.sqrt(2), CONV_CLAMP * math.sqrt(2))
+        return lrelu(x, CONV_CLAMP, self.gain) if self.act else x
 
 
-def modulated_conv2d(x, weight, styles, demodulate=True, fused=True, up=False):
+def modulated_conv2d(x, weight, styles, demodulate=True, fused=True, up_filter=None):
     """StyleGAN2 modulated convolution. x [B,I,H,W], weight [O,I,k,k], styles [B,I] -> [B,O,H,W]
-    ([B,O,2H,2W] with up=True).
+    ([B,O,2H,2W] with an up_filter).
 
     fused=True: one grouped conv with per-sample weights w'_oik = w_oik * s_i (the paper's form).
     fused=False: the same numbers as conv(x * s, w) * d, one shared-weight conv for the whole batch,
     which stock StyleGAN2-ADA uses while training; much faster on CPU.
-    up=True: x2 upsampling as StyleGAN2 does it, a transposed conv with stride 2 at the input
-    resolution and then the [1,3,3,1] blur: a quarter of the work of a conv at the doubled resolution.
+    up_filter (fir_filter(), [1,1,4,4], on x's device): x2 upsampling as StyleGAN2 does it, a
+    transposed conv with stride 2 at the input resolution, then that blur: a quarter of the work of a
+    conv at the doubled resolution.
     """
     B, I, H, W = x.shape
     O, _, k, _ = weight.shape
+    up = up_filter is not None
     # demodulation d_bo = 1 / sqrt(sum_ik (w_oik s_bi)^2 + eps) = 1 / sqrt(sum_i s_bi^2 sum_k w_oik^2 + eps):
     # one [B,I] x [I,O] product instead of building the [B,O,I,k,k] weights (the cpu preset: 14% faster)
     with full_precision(x):
@@ -286,10 +299,12 @@ def modulated_conv2d(x, weight, styles, demodulate=True, fused=True, up=False):
             x = F.conv2d(x, w.reshape(B * O, I, k, k), padding=k // 2, groups=B)
         x = x.reshape(B, O, *x.shape[2:])
     else:
-        x = x * styles[:, :, None, None]
+        x = x * styles.view(B, I, 1, 1)
         x = F.conv_transpose2d(x, weight.transpose(0, 1), stride=2) if up else F.conv2d(x, weight, padding=k // 2)
-        x = x * d[:, :, None, None] if demodulate else x
-    return F.conv2d(x, fir_kernel(O, 4, x), padding=1, groups=O) if up else x  # [B,O,2H+1,2W+1] -> [B,O,2H,2W]
+        x = x * d.view(B, O, 1, 1) if demodulate else x
+    if not up:
+        return x
+    return F.conv2d(x, up_filter.to(x.dtype).expand(O, 1, 4, 4), padding=1, groups=O)  # [B,O,2H+1,2W+1] -> [B,O,2H,2W]
 
 
 class ModulatedConv2d(nn.Module):
@@ -301,15 +316,16 @@ class ModulatedConv2d(nn.Module):
         self.weight = nn.Parameter(torch.randn(cout, cin, 3, 3))
         self.bias = nn.Parameter(torch.zeros(cout))
         self.noise_strength = nn.Parameter(torch.zeros([]))
-        self.scale, self.up = 1 / math.sqrt(cin * 9), up
+        self.scale = 1 / math.sqrt(cin * 9)
+        self.register_buffer("fir", fir_filter() if up else None, persistent=False)
 
     def forward(self, x, w):
         with full_precision(w):
             styles = self.affine(w)
-        x = modulated_conv2d(x, self.weight * self.scale, styles, fused=not self.training, up=self.up)
+        x = modulated_conv2d(x, self.weight * self.scale, styles, fused=not self.training, up_filter=self.fir)
         noise = torch.randn(x.shape[0], 1, x.shape[2], x.shape[3], device=x.device, dtype=x.dtype)
-        x = x + noise * self.noise_strength + self.bias[None, :, None, None]
-        return (F.leaky_relu(x, 0.2) * math.sqrt(2)).clamp(-CONV_CLAMP * math.sqrt(2), CONV_CLAMP * math.sqrt(2))
+        x = torch.addcmul(x, noise, self.noise_strength) + self.bias.view(1, -1, 1, 1)  # x + noise * strength + bias
+        return lrelu(x, CONV_CLAMP)
 
 
 class ToRGB(nn.Module):
@@ -326,7 +342,7 @@ class ToRGB(nn.Module):
         with full_precision(w):
             styles = self.affine(w) * self.scale
         x = modulated_conv2d(x, self.weight, styles, demodulate=False, fused=not self.training)
-        return (x + self.bias[None, :, None, None]).clamp(-CONV_CLAMP, CONV_CLAMP)
+        return (x + self.bias.view(1, -1, 1, 1)).clamp(-CONV_CLAMP, CONV_CLAMP)
 
 
 def channels_at(res, cfg):
@@ -359,6 +375,7 @@ class SynthesisNetwork(nn.Module):
         res_log2 = int(math.log2(cfg.resolution))
         c4 = channels_at(4, cfg)
         self.const = nn.Parameter(torch.randn(c4, 4, 4))
+        self.register_buffer("fir", fir_filter(), persistent=False)
         self.convs, self.torgbs = nn.ModuleList([ModulatedConv2d(c4, c4, cfg.w_dim)]), nn.ModuleList()
         self.torgbs.append(ToRGB(c4, img_channels, cfg.w_dim))
         for r in (2**i for i in range(3, res_log2 + 1)):
@@ -373,7 +390,7 @@ class SynthesisNetwork(nn.Module):
         img = self.torgbs[0](x, w)
         for i, torgb in enumerate(self.torgbs[1:]):
             x = self.convs[2 * i + 2](self.convs[2 * i + 1](x, w), w)
-            img = upsample2d(img) + torgb(x, w).float()
+            img = upsample2d(img, self.fir) + torgb(x, w).float()
         return img
 
 
@@ -437,16 +454,17 @@ def perturbed_composite(f, b, m, dx, dy):
 
 
 class DBlock(nn.Module):
-    """conv3x3 -> conv3x3 down, plus a 1x1 down skip; sum scaled by sqrt(1/2)."""
+    """conv3x3 -> conv3x3 down, plus a 1x1 down skip; the sum scaled by sqrt(1/2), which (official)
+    is folded into the gains of both branches: sqrt(2) * sqrt(1/2) = 1 after conv1's lrelu."""
 
     def __init__(self, cin, cout):
         super().__init__()
         self.conv0 = EqualConv2d(cin, cin, 3)
-        self.conv1 = EqualConv2d(cin, cout, 3, down=True)
-        self.skip = EqualConv2d(cin, cout, 1, act=False, bias=False, down=True)
+        self.conv1 = EqualConv2d(cin, cout, 3, down=True, gain=1.0)
+        self.skip = EqualConv2d(cin, cout, 1, act=False, bias=False, down=True, gain=math.sqrt(0.5))
 
     def forward(self, x):
-        return (self.skip(x) + self.conv1(self.conv0(x))) * math.sqrt(0.5)
+        return self.skip(x) + self.conv1(self.conv0(x))
 
 
 def minibatch_stddev(x, group):
@@ -488,42 +506,34 @@ class Discriminator(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
-def _rot2d(theta):  # [B] -> [B,3,3] homogeneous rotation
-    c, s, o, z = theta.cos(), theta.sin(), torch.ones_like(theta), torch.zeros_like(theta)
-    return torch.stack([c, -s, z, s, c, z, z, z, o], dim=1).reshape(-1, 3, 3)
-
-
-def _diag3(sx, sy):  # [B],[B] -> [B,3,3] scaling
-    o, z = torch.ones_like(sx), torch.zeros_like(sx)
-    return torch.stack([sx, z, z, z, sy, z, z, z, o], dim=1).reshape(-1, 3, 3)
-
-
-def _trans3(tx, ty):  # [B],[B] -> [B,3,3] translation (in [-1,1] image units)
-    o, z = torch.ones_like(tx), torch.zeros_like(tx)
-    return torch.stack([o, z, tx, z, o, ty, z, z, o], dim=1).reshape(-1, 3, 3)
-
-
 def _augment_geometric(x, p, fire, gauss):
-    """The 'bg' ops: output pixel -> input pixel matrix G in normalised [-1,1] coordinates."""
+    """The 'bg' ops of stock augment.py, in its order, as one affine map from output to input pixels
+    in normalised [-1, 1] coordinates, p_in = L p_out + t: L = flip rot90 iso R(pre) aniso R(post),
+    with the integer translation after rot90 and the fractional one last. One grid_sample
+    (reflection padding) applies it."""
     B, _, H, W = x.shape
     dev = x.device
     one = torch.ones(B, device=dev)
-    G = torch.eye(3, device=dev).repeat(B, 1, 1)
-    flip = torch.where(fire() & (torch.rand(B, device=dev) < 0.5), -one, one)
-    G = G @ _diag3(flip, one)  # x-flip
-    G = G @ _rot2d(torch.randint(0, 4, (B,), device=dev) * fire() * (math.pi / 2))  # rotate 90
-    t = (torch.rand(2, B, device=dev) * 2 - 1) * 0.125 * 2 * fire()  # integer translation
-    G = G @ _trans3(torch.round(t[0] * W / 2) * 2 / W, torch.round(t[1] * H / 2) * 2 / H)
-    scale = torch.exp2(gauss(0.2) * fire())
-    G = G @ _diag3(scale, scale)  # isotropic scale
-    p_rot = 1 - torch.sqrt(1 - p.clamp(max=1))
-    G = G @ _rot2d((torch.rand(B, device=dev) * 2 - 1) * math.pi * fire(p_rot))  # pre-rotation
-    scale = torch.exp2(gauss(0.2) * fire())
-    G = G @ _diag3(scale, 1 / scale)  # anisotropic scale
-    G = G @ _rot2d((torch.rand(B, device=dev) * 2 - 1) * math.pi * fire(p_rot))  # post-rotation
-    G = G @ _trans3(gauss(0.125) * 2 * fire(), gauss(0.125) * 2 * fire())  # fractional translation
-    # stock G maps output->input in pixel units; with square images normalised units are the same
-    grid = F.affine_grid(G[:, :2, :], [B, 3, H, W], align_corners=False)
+    flip = torch.where(fire() & (torch.rand(B, device=dev) < 0.5), -one, one)  # x-flip
+    quarter = torch.randint(0, 4, (B,), device=dev) * fire()  # rotate by k * 90 degrees
+    t_int = (torch.rand(2, B, device=dev) - 0.5) * fire()  # [2,B] integer translation, up to 1/8 of the size
+    iso = gauss(0.2) * fire()  # isotropic scale 2^iso
+    p_rot = 1 - (1 - p) ** 0.5  # each of the two rotations 1 - sqrt(1 - p): one or both fire with p
+    pre = (torch.rand(B, device=dev) - 0.5) * fire(p_rot)  # pre-rotation, in turns
+    aniso = gauss(0.2) * fire()  # anisotropic scale 2^aniso, 2^-aniso
+    post = (torch.rand(B, device=dev) - 0.5) * fire(p_rot)  # post-rotation, in turns
+    t_frac = torch.stack([gauss(0.25) * fire(), gauss(0.25) * fire()])  # [2,B] fractional translation
+    turns = torch.stack([quarter * 0.25, pre, post]) * (2 * math.pi)  # [3,B] angles
+    c, s = turns.cos(), turns.sin()
+    R = torch.stack([c, -s, s, c], dim=-1).view(3, B, 2, 2)  # rot90, pre, post
+    scale = torch.exp2(torch.stack([iso, iso, aniso, -aniso], dim=-1)).view(B, 2, 2)  # [B, (iso, aniso), (x, y)]
+    L = R[0] * torch.stack([flip, one], -1).view(B, 2, 1)  # [B,2,2] flip rot90: flip scales the x row
+    t = L @ (torch.round(t_int * (W / 4)) * (2 / W)).T[..., None]  # [B,2,1] whole pixels, in normalised units
+    L = L * scale[:, :1] @ R[1] * scale[:, 1:] @ R[2]  # [B,2,2] ... iso R(pre) aniso R(post); v * M scales M's columns
+    t = t + L @ t_frac.T[..., None]  # [B,2,1]
+    # stock's matrix maps output to input in pixel units; with square images (always, here) the
+    # normalised units are the same
+    grid = F.affine_grid(torch.cat([L, t], 2), [B, 3, H, W], align_corners=False)
     return GridSample.apply(x, grid)
 
 
@@ -558,53 +568,45 @@ class GridSampleBackward(torch.autograd.Function):
 def augment(x, p, geometric=True):
     """ADA 'bgc' pipe: x [B,3,H,W] in ~[-1,1] -> augmented x. p = 0 is exactly the identity.
 
-    Each op fires independently per sample with probability p (rotation: 1-sqrt(1-p), twice).
-    Geometric ops compose into one affine matrix and one grid_sample (reflection padding);
-    colour ops compose into one 4x4 matrix, as in stock augment.py. geometric=False: colour only
-    (the official U-Net training uses that with p = 0.5). p is a float or a 0-d tensor: training
-    keeps it on the device, so reading it never waits for the GPU; a sample on which no op fires
-    comes back exactly as it went in.
+    Each op fires independently per sample with probability p (rotation: 1-sqrt(1-p), twice), in
+    the order and with the magnitudes of stock augment.py. The geometric ops compose into one affine
+    map and one grid_sample (reflection padding); the colour ops into one map per sample, applied in
+    closed form. geometric=False: colour only (the official U-Net training uses that with p = 0.5).
+    p is a float or a 0-d tensor: training keeps it on the device, so reading it never waits for the
+    GPU; every constant is made on x's device. A sample on which no op fires comes back exactly.
     """
     if not torch.is_tensor(p) and p <= 0:
         return x
     B, _, H, W = x.shape
-    dev, x_in = x.device, x
-    p = torch.as_tensor(p, dtype=x.dtype, device=dev)
-    fired = torch.zeros(B, dtype=torch.bool, device=dev)
+    dev, x_in, fired = x.device, x, []
 
     def fire(q=p):  # [B] bool: does this op fire for each sample
-        nonlocal fired
-        f = torch.rand(B, device=dev) < q
-        fired = fired | f
-        return f
+        fired.append(torch.rand(B, device=dev) < q)
+        return fired[-1]
 
     def gauss(std):
         return torch.randn(B, device=dev) * std
 
     if geometric:
         x = _augment_geometric(x, p, fire, gauss)
-    # --- colour ('c'): 4x4 matrix on homogeneous RGB; v = luma axis
-    one = torch.ones(B, device=dev)
-    v = torch.tensor([1.0, 1.0, 1.0, 0.0], device=dev) / math.sqrt(3)
-    I4, vv = torch.eye(4, device=dev), torch.outer(v, v)
-    C = I4.repeat(B, 1, 1)
-    b = gauss(0.2) * fire()  # brightness: x + b
-    T = I4.repeat(B, 1, 1)
-    T[:, :3, 3] = b[:, None]
-    C = T @ C
-    c = torch.exp2(gauss(0.5) * fire())  # contrast: x * c
-    C = torch.diag_embed(torch.stack([c, c, c, one], 1)) @ C
-    i = (torch.randint(0, 2, (B,), device=dev) * fire()).float()  # luma flip: x - 2 v v^T x
-    C = (I4 - 2 * vv * i[:, None, None]) @ C
-    th = (torch.rand(B, device=dev) * 2 - 1) * math.pi * fire()  # hue: rotate around v
-    K = torch.zeros(4, 4, device=dev)  # cross-product matrix [v]_x
-    K[0, 1], K[0, 2], K[1, 0], K[1, 2], K[2, 0], K[2, 1] = -v[2], v[1], v[2], -v[0], -v[1], v[0]
-    R = (I4 + th.sin()[:, None, None] * K + (1 - th.cos())[:, None, None] * (K @ K))
-    C = R @ C
-    sat = torch.exp2(gauss(1.0) * fire())  # saturation: v v^T + (I - v v^T) * sat
-    C = (vv + (I4 - vv) * sat[:, None, None]) @ C
-    x = torch.einsum("bij,bjhw->bihw", C[:, :3, :3], x) + C[:, :3, 3, None, None]
-    return torch.where(fired[:, None, None, None], x, x_in)
+    # colour ('c'), stock's five ops. Each maps RGB linearly (plus a shift) and keeps the luma axis
+    # v = (1,1,1)/sqrt(3): it scales the grey part v v^T x and scales or rotates the colour part
+    # (I - v v^T) x around v. So their product is one such map, which needs no 4x4 matrices:
+    #   x -> luma * grey + shift + contrast * sat * (cos(hue) (x - grey) + sin(hue) v × x),  grey = v v^T x
+    bright = gauss(0.2) * fire()  # brightness: x + bright
+    contrast = torch.exp2(gauss(0.5) * fire())  # contrast: x * contrast
+    flip = torch.randint(0, 2, (B,), device=dev) * fire()  # luma flip: x - 2 v v^T x
+    hue = (torch.rand(B, device=dev) - 0.5) * fire()  # hue: rotation around v, in turns
+    sat = torch.exp2(gauss(1.0) * fire())  # saturation: v v^T x + sat (I - v v^T) x
+    luma = contrast * (1 - 2 * flip)  # [B] what the five ops do to the grey part
+    shift = bright * luma  # brightness moves along v, so contrast and flip act on it, hue and sat do not
+    turn = hue * (2 * math.pi)
+    k_grey, k_cos, k_sin = (torch.stack([luma, contrast * sat * turn.cos(), contrast * sat * turn.sin() / math.sqrt(3)])
+                            .view(3, B, 1, 1, 1))  # [B,1,1,1] each
+    grey = x.mean(1, keepdim=True)  # [B,1,H,W]  v v^T x: each channel's value is the mean of RGB
+    cross = x.roll(1, 1) - x.roll(-1, 1)  # [B,3,H,W]  sqrt(3) v × x = (b - g, r - b, g - r)
+    out = grey * k_grey + shift.view(B, 1, 1, 1) + k_cos * (x - grey) + k_sin * cross
+    return torch.where(torch.stack(fired).any(0).view(B, 1, 1, 1), out, x_in)
 
 
 def ada_adjust(p, sign_mean, target, batch, interval, ada_kimg):
@@ -805,10 +807,22 @@ def mixed_precision(amp, dev):
 
 
 def resolve_amp(amp, dev):
-    """'auto': bf16 on a GPU that supports it, off elsewhere."""
-    if amp != "auto":
-        return amp
-    return "bf16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
+    """The precision --amp gives on this device: auto is what amp_choice says."""
+    return amp if amp != "auto" else amp_choice(dev)[0]
+
+
+def amp_choice(dev):
+    """--amp auto on this device, and why: bf16 where the GPU computes it natively (compute capability
+    8.0 or more: A100, H100, RTX 30xx and later), fp16 with the gradient scaler on 7.x (V100, T4: bf16
+    there is emulated and slow; fp16 is what StyleGAN2-ADA trains in), fp32 elsewhere. -> (amp, reason)"""
+    if dev.type != "cuda":
+        return "off", "a CPU, where bf16 is mostly emulated"
+    major, minor = torch.cuda.get_device_capability(dev.index if dev.index is not None else torch.cuda.current_device())
+    if major >= 8:
+        return "bf16", f"compute capability {major}.{minor} computes bf16 natively"
+    if major == 7:
+        return "fp16", f"compute capability {major}.{minor}: fp16 tensor cores, bf16 only emulated"
+    return "off", f"compute capability {major}.{minor}: no fast reduced precision"
 
 
 class State:
@@ -820,11 +834,13 @@ class State:
         if cfg.channels_last:
             self.D = self.D.to(memory_format=torch.channels_last)
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
+        self.G_train = compiled(self.G) if cfg.compile else self.G  # the same parameters, called in train_step
 
         # official: lazy-regularisation rescale, lr * k and beta2^k with k = interval / (interval + 1)
         def adam(params, interval):
             k = interval / (interval + 1)
-            return torch.optim.Adam(params, lr=cfg.lr * k, betas=(0.0, cfg.beta2**k), eps=1e-8)
+            # fused: one kernel for all parameters, and fp16's overflow check stays on the device
+            return torch.optim.Adam(params, lr=cfg.lr * k, betas=(0.0, cfg.beta2**k), eps=1e-8, fused=True, foreach=None)
 
         self.opt_G, self.opt_D = adam(self.G.parameters(), cfg.g_reg_interval), adam(self.D.parameters(), cfg.r1_interval)
         # fp16 only: loss scaling against gradients that underflow (a no-op for bf16 and fp32)
@@ -845,6 +861,14 @@ class State:
         dev = self.ada_p.device
         self.ada_p, self.ada_sum, self.ada_n = sd["ada_p"].to(dev), sd["ada_sum"].to(dev), sd["ada_n"]
         self.nimg, self.step = sd["nimg"], sd["step"]
+
+
+def compiled(module):
+    """torch.compile(module), drawing its random numbers (the noise inputs) as eager PyTorch does, so
+    that a compiled run follows the same random stream."""
+    import torch._inductor.config
+    torch._inductor.config.fallback_random = True
+    return torch.compile(module)
 
 
 def optimizer_step(opt, scaler, loss, params):
@@ -899,7 +923,7 @@ def train_step(state, x_real, cfg):
 
     def generate():  # f, b, m in float32; the convolutions in cfg.amp precision
         with mixed_precision(cfg.amp, dev):
-            return G(torch.randn(B, cfg.z_dim, device=dev))
+            return state.G_train(torch.randn(B, cfg.z_dim, device=dev))
 
     def discriminate(x):  # D(A(x)): ADA in float32, the convolutions in cfg.amp precision
         x = augment(x, state.ada_p)
@@ -951,9 +975,9 @@ def train_step(state, x_real, cfg):
     # G_ema: half-life ema_kimg, ramped up with the images seen so far
     ema_nimg = min(cfg.ema_kimg * 1000, state.nimg * cfg.ema_rampup)
     beta = 0.5 ** (cfg.batch / max(ema_nimg, 1e-8))
-    with torch.no_grad():
-        for p_ema, p in zip(state.G_ema.parameters(), G.parameters()):
-            p_ema.copy_(p.lerp(p_ema, beta))
+    with torch.no_grad():  # p_ema <- p + beta (p_ema - p), all parameters at once
+        ema, params = list(state.G_ema.parameters()), list(G.parameters())
+        torch._foreach_lerp_(ema, params, 1 - beta)
     state.nimg, state.step = state.nimg + cfg.batch, state.step + 1
 
     # ADA: p follows r_t = E[sign(D(x_real))] toward the target
@@ -985,14 +1009,13 @@ def training_loop(cfg, ckpt, dev, out):
     from tqdm import tqdm
     rank, n_proc = world()
     setup_device(dev, cfg.tf32)
-    cfg = with_overrides(cfg, amp=resolve_amp(cfg.amp, dev))
+    amp, why = amp_choice(dev) if cfg.amp == "auto" else (cfg.amp, "--amp " + cfg.amp)
+    cfg = with_overrides(cfg, amp=amp)  # the run records the precision it trains in
     data = load_dataset(cfg.dataset, cfg.data_root, cfg.resolution, "train", cfg.n_train, cfg.bgr)[0].to(dev)
     state = State(cfg, dev)
     if ckpt is not None:
         state.load_state_dict(ckpt["state"])
-        torch.set_rng_state(ckpt["rng_cpu"])
-        if dev.type == "cuda" and ckpt["rng_cuda"]:
-            torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
+        restore_rng(ckpt, dev)
         print(f"resumed at {state.nimg / 1000:.1f} kimg (ada p {state.ada_p.item():.3f})")
     if rank > 0:  # same networks everywhere, but each process its own images, latents and noise
         torch.manual_seed(cfg.seed + 7919 * rank + state.step)
@@ -1002,7 +1025,7 @@ def training_loop(cfg, ckpt, dev, out):
         n_g, n_d = (sum(p.numel() for p in net.parameters()) for net in (state.G, state.D))
         print(f"G {n_g / 1e6:.2f} M parameters (fg + bg), D {n_d / 1e6:.2f} M | {len(data)} training images "
               f"at {cfg.resolution}px | device {dev}" + (f" x {n_proc} processes" if n_proc > 1 else "")
-              + f", mixed precision {cfg.amp} | run folder {out}")
+              + f", precision {amp} ({why}) | run folder {out}")
     grid_z = torch.randn(8, cfg.z_dim, generator=torch.Generator().manual_seed(cfg.seed)).to(dev)
     fid_net = inception_network(dev) if cfg.fid_n > 0 and writer else None  # official: FID at every snapshot
     real_stats = real_fid_stats(fid_net, data, cfg) if fid_net is not None else None
@@ -1119,12 +1142,25 @@ def save_grid(G, z, path):
 
 
 def save_checkpoint(path, state, cfg):
-    """Atomic: write a temporary file, then rename over the old checkpoint."""
+    """Atomic: write a temporary file, then rename over the old checkpoint. The RNG states are the
+    CPU's and the training device's only, so the run resumes wherever that device exists."""
+    dev = state.ada_p.device
     ckpt = dict(format=CHECKPOINT_FORMAT, state=state.state_dict(), config=dataclasses.asdict(cfg),
-                rng_cpu=torch.get_rng_state(), rng_cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+                rng_cpu=torch.get_rng_state(), rng_device=torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None)
     tmp = Path(f"{path}.{os.getpid()}.tmp")  # a killed write leaves only this file behind
     torch.save(ckpt, tmp)
     os.replace(tmp, path)
+
+
+def restore_rng(ckpt, dev):
+    """The RNG states of save_checkpoint, on `dev`. Older checkpoints hold one CUDA state per GPU that
+    was visible (rng_cuda): the one of dev's index is used if it is there."""
+    torch.set_rng_state(ckpt["rng_cpu"])
+    if dev.type != "cuda":
+        return
+    states = [ckpt["rng_device"]] if "rng_device" in ckpt else ckpt.get("rng_cuda", [])[dev.index or 0:][:1]
+    if states and states[0] is not None:
+        torch.cuda.set_rng_state(states[0], dev)
 
 
 def find_checkpoint(path, best=False):
@@ -1208,9 +1244,9 @@ PALETTE = torch.tensor([[0.85, 0.20, 0.15], [0.95, 0.70, 0.10], [0.20, 0.60, 0.2
                         [0.60, 0.25, 0.65], [0.90, 0.90, 0.85], [0.25, 0.25, 0.25], [0.55, 0.40, 0.25]])
 
 
-def pixel_grid(S):
+def pixel_grid(S, device=None):
     """Pixel-centre coordinates of an S x S image: yy, xx [S,S] in (-1, 1), row-major."""
-    lin = (torch.arange(S) + 0.5) / S * 2 - 1
+    lin = (torch.arange(S, device=device) + 0.5) / S * 2 - 1
     return torch.meshgrid(lin, lin, indexing="ij")
 
 
@@ -1481,9 +1517,14 @@ def real_items(name, root, split):
     raise InputError(f"unknown dataset {name!r}: synthetic | cars | dogs | cub | folder")
 
 
+DECODE_VERSION = 1  # part of the decode cache's key: a change to decoding makes old caches miss
+
+
 def load_real(name, root, res, split, bgr=False):
-    """Decode a real split once into uint8 [N,3,res,res] (+ bool masks [N,1,res,res] for test)."""
-    from tqdm import tqdm
+    """Decode a real split into uint8 [N,3,res,res] (+ bool masks [N,1,res,res] for test), on a
+    thread pool, once: the result is cached (cache_dir(), no pickle) under a key of every file's path,
+    size and modification time, the resolution, the crops and the channel order, so a changed dataset
+    is decoded again; torchrun's processes wait for one of them to decode it and then read the cache."""
     items, note = real_items(name, root, split)
     if not items:
         raise _layout_error(name, root, f"the {split} split is empty ({note})")
@@ -1491,19 +1532,68 @@ def load_real(name, root, res, split, bgr=False):
     if missing:
         raise _layout_error(name, root, f"{len(missing)} files missing, e.g. {missing[:3]}")
     print(f"{name} {split}: {len(items)} images ({note})")
-    xs, ms = [], []
-    for img_path, mask_path, crop, box in tqdm(items, desc=f"decoding {name} {split}", leave=False):
+    files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for it in items for p in it[:2] if p is not None]
+    import hashlib
+    key = hashlib.sha1(json.dumps([DECODE_VERSION, name, split, res, bgr, files, [it[2:] for it in items]]).encode())
+    path = cache_dir() / f"decoded-{name}-{split}-{res}px-{key.hexdigest()[:16]}.npz"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = folder_lock(path.parent, path.name + ".lock", wait=3600)
+    except OSError:  # an unwritable cache only costs the decoding
+        lock, path = contextlib.nullcontext(), None
+    with lock:
+        cached = read_decoded(path, key.hexdigest(), len(items), res) if path is not None else None
+        if cached is not None:
+            return cached
+        x, m = decode_items(items, res, bgr, f"decoding {name} {split}")
+        if path is not None:
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            with open(tmp, "wb") as fh:
+                np.savez(fh, key=np.array(key.hexdigest()), crc=np.array(zlib.crc32(x.numpy())), images=x.numpy(),
+                         **({"masks": m.numpy()} if m is not None else {}))
+            os.replace(tmp, path)
+    return x, m
+
+
+def read_decoded(path, key, n, res):
+    """The cached decode at path if it is whole and is the one asked for (its key, shape and checksum),
+    else None, and it will be decoded and written again."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            x, m = f["images"], (f["masks"] if "masks" in f else None)
+            ok = (str(f["key"]) == key and x.shape == (n, 3, res, res) and x.dtype == np.uint8
+                  and int(f["crc"]) == zlib.crc32(x) and (m is None or m.shape == (n, 1, res, res)))
+    except Exception:  # absent, truncated or not ours: decode again
+        return None
+    return (torch.from_numpy(x), torch.from_numpy(m) if m is not None else None) if ok else None
+
+
+def decode_items(items, res, bgr, desc):
+    """(image, mask or None, crop, box) items -> uint8 [N,3,res,res] and bool [N,1,res,res] or None,
+    decoded by a pool of threads (PIL releases the GIL while it decodes and resizes)."""
+    from concurrent.futures import ThreadPoolExecutor
+    from tqdm import tqdm
+
+    def decode(item):
+        img_path, mask_path, crop, box = item
         img = read_rgb(img_path, bgr)
         H, W = img.shape[:2]
         cbox = drc_crop(*box, W, H) if crop == "drc" else centre_square(H, W) if crop == "centre" else None
-        xs.append(resize(img, res, cbox))
-        if mask_path is not None:
-            m = read_gray(mask_path)
-            if m.shape != (H, W):
-                raise InputError(f"mask {mask_path} is {m.shape[1]}x{m.shape[0]}, its image is {W}x{H}")
-            ms.append(resize(m, res, cbox) > 0.5)  # explicit threshold at 0.5, no dithering
-    x = torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).contiguous()
-    return x, (torch.from_numpy(np.stack(ms))[:, None] if ms else None)
+        if mask_path is None:
+            return resize(img, res, cbox), None
+        m = read_gray(mask_path)
+        if m.shape != (H, W):
+            raise InputError(f"mask {mask_path} is {m.shape[1]}x{m.shape[0]}, its image is {W}x{H}")
+        return resize(img, res, cbox), resize(m, res, cbox) > 0.5  # explicit threshold at 0.5, no dithering
+    with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
+        out = list(tqdm(pool.map(decode, items), total=len(items), desc=desc, leave=False))
+    x = torch.from_numpy(np.stack([a for a, _ in out])).permute(0, 3, 1, 2).contiguous()
+    return x, (torch.from_numpy(np.stack([b for _, b in out]))[:, None] if out[0][1] is not None else None)
+
+
+def cache_dir():
+    """Where decoded datasets and FID statistics are kept: $ILSGAN_CACHE, or ~/.cache/ilsgan."""
+    return Path(os.environ.get("ILSGAN_CACHE", Path.home() / ".cache" / "ilsgan"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1568,7 +1658,7 @@ def real_fid_stats(net, data, cfg):
     import hashlib
     key = hashlib.sha1(f"{cfg.dataset}|{Path(cfg.data_root).expanduser().resolve() if cfg.data_root else ''}|"
                        f"{cfg.resolution}|{cfg.n_train}|{cfg.bgr}|{len(data)}".encode()).hexdigest()[:12]
-    path = Path(os.environ.get("ILSGAN_CACHE", Path.home() / ".cache" / "ilsgan")) / f"fid-{cfg.dataset}-{cfg.resolution}-{key}.pt"
+    path = cache_dir() / f"fid-{cfg.dataset}-{cfg.resolution}-{key}.pt"
     if path.is_file():
         return tuple(torch.load(path, weights_only=True))
     stats = feature_stats(inception_features(net, data))
@@ -1591,12 +1681,19 @@ def world():
     return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
 
 
+def training_device(cfg):
+    """The device this process trains on: --device, or under torchrun the GPU of its local rank."""
+    dev = pick_device(cfg.device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return dev
+
+
 def init_processes(cfg):
     """Join torchrun's process group when launched by it (one GPU per process, or gloo on CPUs). -> device"""
-    dev = pick_device(cfg.device)
+    dev = training_device(cfg)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         if dev.type == "cuda":
-            dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(dev)
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
         if cfg.batch % dist.get_world_size():
@@ -1845,8 +1942,9 @@ def main(argv=None):
             # The companions score the run folder and add their sections to its results.json; this is
             # the one place where this file reaches up to them.
             import mine, unet_eval  # noqa: E401
-            unet_eval.evaluate(unet_eval.make_config(cfg.eval_preset, ckpt=str(out)))
-            mine.evaluate(mine.make_config(cfg.eval_preset, ckpt=str(out)))
+            dev = str(training_device(cfg))  # scored where it trained
+            unet_eval.evaluate(unet_eval.make_config(cfg.eval_preset, ckpt=str(out), device=dev))
+            mine.evaluate(mine.make_config(cfg.eval_preset, ckpt=str(out), device=dev))
             unet_eval.print_closing_table(out)
     except (InputError, NonFiniteLoss, OSError) as e:
         sys.exit(f"error: {e}")

@@ -55,8 +55,8 @@ MISTAKES = {
     "gate_gradients": {"no gate": lambda t: t},
     "ils_l1_loss": {"no stop-gradient on the visible layer (Eq. 13)": lambda f, b, m: (
         -((b - f).abs() * m.detach()).mean() - ((f - b).abs() * (1 - m.detach())).mean())},
-    "modulated_conv2d": {"demodulation left out": lambda x, w, s, demodulate=True, fused=True, up=False:
-                         ORIGINAL["modulated_conv2d"](x, w, s, False, fused, up)},
+    "modulated_conv2d": {"demodulation left out": lambda x, w, s, demodulate=True, fused=True, up_filter=None:
+                         ORIGINAL["modulated_conv2d"](x, w, s, False, fused, up_filter)},
     "ada_adjust": {"sign reversed": lambda p, r, target, batch, interval, ada_kimg:
                    ORIGINAL["ada_adjust"](p, 2 * target - r, target, batch, interval, ada_kimg)},
     "dv_bound": {"mean for log-mean-exp": lambda t_joint, t_marg: t_joint.mean() - t_marg.mean()},

@@ -1,4 +1,7 @@
-"""ADA-lite: p = 0 is the identity, p > 0 changes images per sample and stays differentiable."""
+"""ADA-lite: p = 0 is the identity, p > 0 changes images per sample and stays differentiable, and the
+composed maps equal stock augment.py's matrices, built one op at a time."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -90,3 +93,74 @@ def test_grid_sample_gradfix_gives_the_native_second_derivative():
     except RuntimeError as e:  # older PyTorch: no native second derivative to compare with
         pytest.skip(str(e))
     torch.testing.assert_close(ours, native)
+
+
+def stock_augment(x, p, geometric=True):
+    """Reference: stock augment.py's 'bgc' construction, one homogeneous matrix per op (3x3 geometric,
+    4x4 colour) multiplied in its order, drawing the random numbers as augment() does."""
+    B, _, H, W = x.shape
+    x_in, fired = x, torch.zeros(B, dtype=torch.bool)
+
+    def fire(q=p):
+        nonlocal fired
+        f = torch.rand(B) < q
+        fired = fired | f
+        return f
+
+    def gauss(std):
+        return torch.randn(B) * std
+
+    def mat(rows):  # [B] entries, row-major -> [B,n,n]
+        n = int(math.isqrt(len(rows)))
+        return torch.stack([r if torch.is_tensor(r) else torch.full([B], float(r)) for r in rows], 1).reshape(B, n, n)
+
+    def rot(t):
+        return mat([t.cos(), -t.sin(), 0, t.sin(), t.cos(), 0, 0, 0, 1])
+
+    if geometric:
+        one = torch.ones(B)
+        G = mat([1, 0, 0, 0, 1, 0, 0, 0, 1])
+        G = G @ mat([torch.where(fire() & (torch.rand(B) < 0.5), -one, one), 0, 0, 0, 1, 0, 0, 0, 1])
+        G = G @ rot(torch.randint(0, 4, (B,)) * fire() * (math.pi / 2))
+        t = (torch.rand(2, B) * 2 - 1) * 0.125 * 2 * fire()
+        G = G @ mat([1, 0, torch.round(t[0] * W / 2) * 2 / W, 0, 1, torch.round(t[1] * H / 2) * 2 / H, 0, 0, 1])
+        s = torch.exp2(gauss(0.2) * fire())
+        G = G @ mat([s, 0, 0, 0, s, 0, 0, 0, 1])
+        p_rot = 1 - math.sqrt(1 - p)
+        G = G @ rot((torch.rand(B) * 2 - 1) * math.pi * fire(p_rot))
+        s = torch.exp2(gauss(0.2) * fire())
+        G = G @ mat([s, 0, 0, 0, 1 / s, 0, 0, 0, 1])
+        G = G @ rot((torch.rand(B) * 2 - 1) * math.pi * fire(p_rot))
+        G = G @ mat([1, 0, gauss(0.125) * 2 * fire(), 0, 1, gauss(0.125) * 2 * fire(), 0, 0, 1])
+        grid = F.affine_grid(G[:, :2], [B, 3, H, W], align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    v = torch.tensor([1.0, 1.0, 1.0, 0.0]) / math.sqrt(3)
+    I4, vv = torch.eye(4), torch.outer(v, v)
+    b = gauss(0.2) * fire()
+    T = I4.repeat(B, 1, 1)
+    T[:, :3, 3] = b[:, None]
+    C = T
+    c = torch.exp2(gauss(0.5) * fire())
+    C = torch.diag_embed(torch.stack([c, c, c, torch.ones(B)], 1)) @ C
+    i = (torch.randint(0, 2, (B,)) * fire()).float()
+    C = (I4 - 2 * vv * i[:, None, None]) @ C
+    th = (torch.rand(B) * 2 - 1) * math.pi * fire()
+    K = torch.zeros(4, 4)
+    K[0, 1], K[0, 2], K[1, 0], K[1, 2], K[2, 0], K[2, 1] = -v[2], v[1], v[2], -v[0], -v[1], v[0]
+    C = (I4 + th.sin()[:, None, None] * K + (1 - th.cos())[:, None, None] * (K @ K)) @ C
+    sat = torch.exp2(gauss(1.0) * fire())
+    C = (vv + (I4 - vv) * sat[:, None, None]) @ C
+    x = torch.einsum("bij,bjhw->bihw", C[:, :3, :3], x) + C[:, :3, 3, None, None]
+    return torch.where(fired[:, None, None, None], x, x_in)
+
+
+@pytest.mark.parametrize("p", [0.3, 1.0])
+@pytest.mark.parametrize("geometric", [True, False])
+def test_composed_maps_equal_stocks_matrices_op_by_op(p, geometric):
+    x = torch.rand(64, 3, 16, 16) * 2 - 1
+    torch.manual_seed(7)
+    ours, after_ours = ilsgan.augment(x, torch.tensor(p), geometric), torch.rand(1)
+    torch.manual_seed(7)
+    ref, after_ref = stock_augment(x, p, geometric), torch.rand(1)
+    assert torch.equal(after_ours, after_ref)  # the same random numbers were drawn
+    torch.testing.assert_close(ours, ref, atol=2e-5, rtol=0)

@@ -62,7 +62,7 @@ def test_minibatch_stddev_appends_group_std():
 
 
 def loop_modulated_up_conv(x, weight, styles):
-    """Reference for up=True, from the definitions: per sample, insert zeros between the pixels, run an
+    """Reference for the up_filter path, from the definitions: per sample, insert zeros between the pixels, run an
     ordinary conv with the flipped kernel (a transposed conv), then the [1,3,3,1] filter with gain 4."""
     B, I, H, W = x.shape
     f = torch.tensor([1.0, 3.0, 3.0, 1.0])
@@ -84,13 +84,13 @@ def test_upsampling_modulated_conv_equals_its_definition():
     ref = loop_modulated_up_conv(x, weight, styles)
     assert ref.shape == (3, 4, 12, 12)
     for fused in (True, False):
-        out = ilsgan.modulated_conv2d(x, weight, styles, fused=fused, up=True)
+        out = ilsgan.modulated_conv2d(x, weight, styles, fused=fused, up_filter=ilsgan.fir_filter())
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
 
 
 def test_upsample2d_is_bilinear_inside_and_zero_padded_at_the_border():
     x = torch.randn(2, 3, 5, 5)
-    up = ilsgan.upsample2d(x)
+    up = ilsgan.upsample2d(x, ilsgan.fir_filter())
     bilinear = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
     torch.testing.assert_close(up[..., 1:-1, 1:-1], bilinear[..., 1:-1, 1:-1])
     torch.testing.assert_close(up[..., 0, 1:-1], 0.75 * bilinear[..., 0, 1:-1])  # edge row: 3/4 of row 0, 1/4 zero padding
