@@ -113,22 +113,25 @@ def estimate_mi(x, y, mc, desc="MINE"):
     from tqdm import tqdm
     torch.manual_seed(mc.seed)
     T = StatisticsNetwork(x[0].numel(), y[0].numel(), mc.hidden).to(x.device)
-    opt = torch.optim.Adam(T.parameters(), lr=mc.lr)
+    opt = torch.optim.Adam(T.parameters(), lr=mc.lr, fused=True, foreach=None)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.1, patience=10, threshold=1e-4)
-    ma, history = None, []
+    ma, history, skipped = None, [], torch.zeros([], dtype=torch.long, device=x.device)
     bar = tqdm(range(1, mc.iters + 1), desc=desc, leave=False)
     for it in bar:
         idx = torch.randint(len(x), (mc.batch,), device=x.device)
         loss, bound, ma = mine_step(T, x[idx], y[idx], ma, mc.ma_rate)
-        if not torch.isfinite(loss):  # official: skip a non-finite batch
-            continue
+        # official: a non-finite batch is skipped. Decided on the device, so no step waits to read the
+        # loss: fused Adam takes the flag as GradScaler hands it over (found_inf) and then changes
+        # nothing, neither the weights nor its moments nor its step count
+        bad = ~torch.isfinite(loss)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        opt.found_inf, skipped = bad.float(), skipped + bad
         opt.step()
         if it % mc.eval_every == 0:
             history.append(evaluate_bound(T, x, y))
             sched.step(history[-1])
-            bar.set_postfix_str(f"MI {history[-1]:.3f}")
+            bar.set_postfix_str(f"MI {history[-1]:.3f}" + (f", {skipped.item()} non-finite batches skipped" if skipped else ""))
     tail = history[-mc.last:] or [float("nan")]
     return sum(tail) / len(tail), history
 

@@ -205,14 +205,15 @@ def random_shadows(x, lines=2, p=0.5):
     """Images x [B,3,H,W] in [-1,1], each darkened (x0.7-1) beyond up to `lines` random straight lines,
     each line with probability p: a brightness edge inside an object is then not always its boundary."""
     B, _, H, W = x.shape
-    yy, xx = ilsgan.pixel_grid(H)
-    gain = torch.ones(B, 1, H, W)
+    dev = x.device
+    yy, xx = ilsgan.pixel_grid(H, dev)
+    gain = torch.ones(B, 1, H, W, device=dev)
     for _ in range(lines):
-        angle, offset = torch.rand(B, 1, 1, 1) * 2 * math.pi, torch.rand(B, 1, 1, 1) - 0.5
-        factor, on = 0.7 + 0.3 * torch.rand(B, 1, 1, 1), (torch.rand(B, 1, 1, 1) < p).float()
+        angle, offset = torch.rand(B, 1, 1, 1, device=dev) * 2 * math.pi, torch.rand(B, 1, 1, 1, device=dev) - 0.5
+        factor, on = 0.7 + 0.3 * torch.rand(B, 1, 1, 1, device=dev), (torch.rand(B, 1, 1, 1, device=dev) < p).float()
         beyond = (xx * angle.cos() + yy * angle.sin() > offset).float()
         gain = gain * (1 - on * beyond * (1 - factor))
-    return (x + 1) * gain.to(x.device) - 1  # drawn on the CPU: the same shadows on any device
+    return (x + 1) * gain - 1
 
 
 def train_unet(x, m, ec, dev):
