@@ -1,5 +1,6 @@
 """Shared fixtures: make the project importable and keep tests on the CPU, small and seeded; fake
 dataset trees in the documented layouts (DRC cars, CUB) for the real-data and bad-input tests."""
+import os
 import sys
 from pathlib import Path
 
@@ -15,6 +16,12 @@ sys.path.insert(0, str(ROOT))
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _cache(tmp_path_factory):
+    """Decoded datasets and FID statistics go to a folder of the session's (subprocesses inherit it)."""
+    os.environ["ILSGAN_CACHE"] = str(tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="session")

@@ -146,3 +146,51 @@ def test_mask_threshold_is_explicit_at_one_half(tmp_path):
     save_mask(tmp_path / "masks" / "a.png", 8, 8, (2, 0, 6, 8), gray_edge=True)  # col 2 = 100, col 5 = 180
     _, m = ilsgan.load_dataset("folder", str(tmp_path), 8, "test")
     assert m[0, 0, :, 2].sum() == 0 and m[0, 0, :, 5].all() and m[0, 0, :, 3:5].all() and not m[0, 0, :, :2].any()
+
+
+@pytest.fixture
+def own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ILSGAN_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_a_split_is_decoded_once_and_read_back_from_the_cache(cars, own_cache, monkeypatch):
+    first = ilsgan.load_dataset("cars", str(cars), 16, "test")
+    monkeypatch.setattr(ilsgan, "decode_items", lambda *a: pytest.fail("decoded again"))
+    again = ilsgan.load_dataset("cars", str(cars), 16, "test")
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert again[1].dtype == torch.bool
+    assert len(list(own_cache.glob("decoded-cars-test-16px-*.npz"))) == 1
+
+
+def test_a_changed_file_is_decoded_again(cars, own_cache):
+    before, _ = ilsgan.load_dataset("cars", str(cars), 16, "train")
+    save_rgb(cars / "data_mrcnn/train/orig/a2_orig.png", 40, 60, colour=(0, 250, 0))  # a new colour, a new mtime
+    after, _ = ilsgan.load_dataset("cars", str(cars), 16, "train")
+    assert torch.equal(before[[0, 2]], after[[0, 2]]) and after[1, 1, 8, 12] > 200 and before[1, 1, 8, 12] < 100
+
+
+@pytest.mark.parametrize("damage", ["truncated", "other values", "not ours"])
+def test_a_cache_that_does_not_match_is_rebuilt_not_trusted(cars, own_cache, damage):
+    truth, _ = ilsgan.load_dataset("cars", str(cars), 16, "train")
+    (path,) = own_cache.glob("decoded-cars-train-16px-*.npz")
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:300])
+    elif damage == "other values":  # the right key and shape, wrong pixels: the checksum tells
+        with np.load(path) as f:
+            parts = dict(f)
+        parts["images"] = np.zeros_like(parts["images"])
+        np.savez(path, **parts)
+    else:
+        np.savez(path, images=np.zeros((3, 3, 16, 16), np.uint8))
+    again, _ = ilsgan.load_dataset("cars", str(cars), 16, "train")
+    assert torch.equal(again, truth)
+    with np.load(path, allow_pickle=False) as f:  # and the cache is whole again
+        assert np.array_equal(f["images"], truth.numpy())
+
+
+def test_an_unwritable_cache_only_costs_the_decoding(cars, tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("ILSGAN_CACHE", str(tmp_path / "file" / "cache"))  # below a file: cannot be made
+    x, _ = ilsgan.load_dataset("cars", str(cars), 16, "train")
+    assert x.shape == (3, 3, 16, 16)
