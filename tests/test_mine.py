@@ -65,3 +65,22 @@ def test_mine_on_a_tiny_run_writes_results(tiny_run):
     assert set(section["nats"]) == {"vis_fg;inv_bg", "vis_bg;inv_fg", "whole f;b", "sum (Eq. 11)"}
     assert section["protocol"].startswith("MINE (tiny preset: 64 samples at 8px")
     assert json.loads((out / "results.json").read_text())["mi"] == section
+
+
+def test_a_non_finite_batch_is_skipped_not_learned_from(monkeypatch):
+    """Official: a batch whose bound is not finite is skipped. Here the check stays on the device (fused
+    Adam takes the flag): with every loss after the 5th made NaN, the weights stay those of step 5, so
+    the estimates stay finite and do not move; without the skip they would be NaN."""
+    real = mine.mine_step
+    calls = []
+
+    def poisoned(T, x, y, ma, ma_rate):
+        loss, bound, ma = real(T, x, y, ma, ma_rate)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) > 5 else loss), bound, ma
+    monkeypatch.setattr(mine, "mine_step", poisoned)
+    torch.manual_seed(0)
+    x = torch.randn(256, 4)
+    mc = mine.make_config("tiny", iters=40, eval_every=10, batch=32, device="cpu")
+    _, history = mine.estimate_mi(x, x + 0.1 * torch.randn(256, 4), mc)
+    assert all(math.isfinite(h) for h in history) and max(history) - min(history) < 0.5
