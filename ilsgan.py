@@ -63,6 +63,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 import zlib
@@ -88,6 +89,7 @@ class Config:
     resolution: int = 32  # training resolution (square), a power of two
     n_train: int = 10000  # synthetic benchmark: number of training images
     bgr: bool = False  # official: cars/dogs are read by cv2 as BGR and never swapped; set to reproduce
+    skip_unmasked: bool = False  # folder datasets: test images without a mask are skipped and counted (default: an error naming them)
     # --- model
     z_dim: int = 512  # latent z, shared by both layers (official)
     w_dim: int = 512  # intermediate latent w of each mapping network
@@ -124,6 +126,9 @@ class Config:
     ils_opt_vis: bool = True  # Table 3 row C when False: stop-gradient on f_vis, b_vis
     ils_opt_mask: bool = True  # Table 3 row D when False: stop-gradient on m
     ils_dist: str = "laplace"  # laplace | gaussian (Table 3 row F)
+    # --- ours: the collapse watch's divergence bounds (0 = off)
+    diverge_flag: float = 5.0  # flag 'diverging' when loss_adv or loss_D passes this multiple of its first logged value (at least 1); 29 default runs stayed below 2.2
+    diverge_stop: float = 50.0  # stop training, as on a NaN, past this multiple
     # --- ours: guards against known failures of small runs (0 = off, the paper's setting)
     lambda_guard: float = 2.0  # weight of the three mask hinges below
     mask_max: float = 0.0  # upper hinge on the mask area: relu(mean(m) - mask_max)
@@ -758,14 +763,14 @@ def ils_weight(kimg, cfg):
 SYNTHETIC_TEST_SEED = 1_000_003  # the test split is drawn from its own stream, never from training
 
 
-def load_dataset(name, root, res, split, n_train=10000, bgr=False):
+def load_dataset(name, root, res, split, n_train=10000, bgr=False, skip_unmasked=False):
     """Images [N,3,res,res] uint8 and masks [N,1,res,res] bool (None where the split has none).
 
     split: 'train' (for the GAN) or 'test' (real images with ground-truth masks, for evaluation).
     """
     if name == "synthetic":
         return make_synthetic(n_train, res, seed=0) if split == "train" else make_synthetic(1000, res, SYNTHETIC_TEST_SEED)
-    return load_real(name, root, res, split, bgr)
+    return load_real(name, root, res, split, bgr, skip_unmasked)
 
 
 def to_float(x):
@@ -788,7 +793,15 @@ def resize_images(x, res):
 # ----------------------------------------------------------------------------------------------
 
 
-class NonFiniteLoss(FloatingPointError):
+class TrainingStopped(RuntimeError):
+    """The run stopped itself: its losses left the range a training run can come back from."""
+
+
+class NonFiniteLoss(TrainingStopped):
+    pass
+
+
+class Diverged(TrainingStopped):
     pass
 
 
@@ -848,19 +861,27 @@ class State:
         self.ada_p = torch.zeros([], device=device)  # on the device: no step waits to read it
         self.ada_sum, self.ada_n = torch.zeros([], device=device), 0  # sum and count of sign(D(x_real))
         self.nimg, self.step = 0, 0  # images shown to D (over all processes), iterations done
+        self.loss_ref = None  # ours: the first logged adversarial losses, for the divergence watch
 
     def state_dict(self):
         return dict(G=self.G.state_dict(), D=self.D.state_dict(), G_ema=self.G_ema.state_dict(),
                     opt_G=self.opt_G.state_dict(), opt_D=self.opt_D.state_dict(),
                     scaler_G=self.scaler_G.state_dict(), scaler_D=self.scaler_D.state_dict(), ada_p=self.ada_p,
-                    ada_sum=self.ada_sum, ada_n=self.ada_n, nimg=self.nimg, step=self.step)
+                    ada_sum=self.ada_sum, ada_n=self.ada_n, nimg=self.nimg, step=self.step, loss_ref=self.loss_ref)
 
     def load_state_dict(self, sd):
+        """The saved networks, moments and progress; the optimisers' settings (lr, betas) stay this
+        config's, so that a resumed run takes the flags given with --resume."""
         for k in ("G", "D", "G_ema", "opt_G", "opt_D", "scaler_G", "scaler_D"):
             getattr(self, k).load_state_dict(sd[k])
+        for opt in (self.opt_G, self.opt_D):
+            for group in opt.param_groups:
+                group.update(opt.defaults)  # lr, betas, eps, fused: as built from the config
+            for p, st in opt.state.items():  # fused Adam keeps its step count on the parameter's device
+                st["step"] = st["step"].to(p.device, torch.float32)
         dev = self.ada_p.device
         self.ada_p, self.ada_sum, self.ada_n = sd["ada_p"].to(dev), sd["ada_sum"].to(dev), sd["ada_n"]
-        self.nimg, self.step = sd["nimg"], sd["step"]
+        self.nimg, self.step, self.loss_ref = sd["nimg"], sd["step"], sd.get("loss_ref")
 
 
 def compiled(module):
@@ -896,9 +917,12 @@ def watch_stats(m, x_fake, x_real):
                 diversity=x_fake.std(0).mean() / x_real.std(0).mean().clamp(min=1e-8))
 
 
-def collapse_flags(st):
-    """ours: name the known failures from watch_stats averages."""
+def collapse_flags(st, loss_ref=None, diverge=0.0):
+    """ours: name the known failures from watch_stats averages; with loss_ref (each adversarial loss's
+    first logged value) also a loss beyond `diverge` times it."""
     flags = []
+    if diverge > 0 and loss_ref and any(abs(st[k]) > diverge * v for k, v in loss_ref.items()):
+        flags.append("diverging")
     if st["mask_area"] > 0.9:
         flags.append("mask-full")
     if st["mask_area"] < 0.03:
@@ -995,73 +1019,17 @@ def train_step(state, x_real, cfg):
 
 
 def train(cfg, ckpt=None, overwrite=False):
-    """Train a run, or continue one from its checkpoint dict; returns the run folder, which belongs to
-    this run (claim_run_folder) and is locked against other processes while it trains."""
-    dev = init_processes(cfg)  # joins torchrun's process group when launched by it
-    out, writer = Path(cfg.out), world()[0] == 0  # process 0 alone writes the run folder
-    if writer:
-        claim_run_folder(out, ckpt is not None, overwrite)
-    with folder_lock(out) if writer else contextlib.nullcontext():
-        return training_loop(cfg, ckpt, dev, out)
-
-
-def training_loop(cfg, ckpt, dev, out):
-    from tqdm import tqdm
-    rank, n_proc = world()
-    setup_device(dev, cfg.tf32)
-    amp, why = amp_choice(dev) if cfg.amp == "auto" else (cfg.amp, "--amp " + cfg.amp)
-    cfg = with_overrides(cfg, amp=amp)  # the run records the precision it trains in
-    data = load_dataset(cfg.dataset, cfg.data_root, cfg.resolution, "train", cfg.n_train, cfg.bgr)[0].to(dev)
-    state = State(cfg, dev)
-    if ckpt is not None:
-        state.load_state_dict(ckpt["state"])
-        restore_rng(ckpt, dev)
-        print(f"resumed at {state.nimg / 1000:.1f} kimg (ada p {state.ada_p.item():.3f})")
-    if rank > 0:  # same networks everywhere, but each process its own images, latents and noise
-        torch.manual_seed(cfg.seed + 7919 * rank + state.step)
-    writer = rank == 0
-    if writer:
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-        n_g, n_d = (sum(p.numel() for p in net.parameters()) for net in (state.G, state.D))
-        print(f"G {n_g / 1e6:.2f} M parameters (fg + bg), D {n_d / 1e6:.2f} M | {len(data)} training images "
-              f"at {cfg.resolution}px | device {dev}" + (f" x {n_proc} processes" if n_proc > 1 else "")
-              + f", precision {amp} ({why}) | run folder {out}")
-    grid_z = torch.randn(8, cfg.z_dim, generator=torch.Generator().manual_seed(cfg.seed)).to(dev)
-    fid_net = inception_network(dev) if cfg.fid_n > 0 and writer else None  # official: FID at every snapshot
-    real_stats = real_fid_stats(fid_net, data, cfg) if fid_net is not None else None
-    total, acc, t0, n0 = int(cfg.kimg * 1000), {}, time.time(), state.nimg
-    bar = tqdm(total=total, initial=min(state.nimg, total), unit="img", unit_scale=True, dynamic_ncols=True,
-               disable=not writer)
-    while state.nimg < total:
-        x_real = to_float(data[torch.randint(len(data), (cfg.batch // n_proc,), device=dev)])
-        stats = train_step(state, x_real, cfg)
-        bar.update(cfg.batch)
-        for k, v in stats.items():  # sums and counts, still on the device
-            acc[k] = (acc[k][0] + v, acc[k][1] + 1) if k in acc else (v, 1)
-        done = state.nimg >= total
-        log_now = done or crossed(state.nimg, cfg.batch, cfg.log_kimg)
-        snap_now = done or crossed(state.nimg, cfg.batch, cfg.snap_kimg)
-        if not (log_now or snap_now):
-            continue
-        rec = read_stats(acc)  # the loop's one wait for the device, and its non-finite check
-        check_finite(rec, state, out, bar)
-        if writer and log_now:
-            rec.update(kimg=state.nimg / 1000, step=state.step, sec=time.time() - t0,
-                       kimg_per_s=(state.nimg - n0) / 1000 / (time.time() - t0), flags=collapse_flags(rec))
-            with open(out / "stats.jsonl", "a") as fh:
-                fh.write(json.dumps(rec) + "\n")
-            bar.set_postfix_str(f"G {rec['loss_G']:.2f} D {rec['loss_D']:.2f} ILS {rec['loss_ils']:+.3f} "
-                                f"p {rec['ada_p']:.2f} area {rec['mask_area']:.2f} bin {rec['mask_binary']:.2f} "
-                                + (" ".join(f"!{fl}" for fl in rec["flags"]) or "ok"))
-        if log_now:
-            acc = {}
-        if writer and snap_now:
-            message = snapshot(state, cfg, out, grid_z, fid_net, real_stats)
-            if message:
-                bar.write(message)
-    bar.close()
-    check_in_step(state.G)
-    return out
+    """Train a run, or continue one from its checkpoint dict; -> the run folder. Run (appendix D)
+    holds the plumbing: the folder and its lock, the device, the data, resuming, logs, checkpoints."""
+    with Run(cfg, ckpt, overwrite) as run:
+        state, data = run.state, run.data
+        while state.nimg < run.total:
+            x_real = to_float(data[torch.randint(len(data), (run.batch,), device=run.device)])  # [B,3,H,W]
+            stats = train_step(state, x_real, run.cfg)  # Eq. (5): one G step, one D step (+ R1), EMA, ADA
+            run.log(stats)  # every log_kimg: the means, read from the device once, checked, written
+            if state.nimg >= run.total or crossed(state.nimg, cfg.batch, cfg.snap_kimg):
+                run.snapshot()  # every snap_kimg: the grid, the checkpoint, FID
+    return run.out
 
 
 def crossed(nimg, batch, every_kimg):
@@ -1076,20 +1044,6 @@ def read_stats(acc):
     values = torch.stack([acc[k][0].double() for k in names]).tolist() if names else []
     rec = {k: (values[names.index(k)] if k in names else v) / n for k, (v, n) in acc.items()}
     return rec
-
-
-def check_finite(rec, state, out, bar):
-    """Stop every process at once when any of them saw a non-finite loss since the last check; the
-    checkpoint on disk is then the last good one (checkpoints are written only after this check)."""
-    bad = [k for k in ("loss_G", "loss_D", "r1") if k in rec and not math.isfinite(rec[k])]
-    if all_mean(torch.tensor([float(len(bad))], device=state.ada_p.device)).item() == 0:
-        return
-    bar.close()
-    last = out / "checkpoint.pt"
-    kept = (f"the last good checkpoint is {last} ({torch.load(last, weights_only=True)['state']['nimg'] / 1000:.1f} kimg)"
-            if last.is_file() else "no checkpoint had been written yet")
-    raise NonFiniteLoss(f"{', '.join(bad) or 'a loss'} became non-finite before step {state.step} "
-                        f"({state.nimg / 1000:.1f} kimg). Training stopped; {kept}")
 
 
 def snapshot(state, cfg, out, grid_z, fid_net, real_stats):
@@ -1145,7 +1099,7 @@ def save_checkpoint(path, state, cfg):
     """Atomic: write a temporary file, then rename over the old checkpoint. The RNG states are the
     CPU's and the training device's only, so the run resumes wherever that device exists."""
     dev = state.ada_p.device
-    ckpt = dict(format=CHECKPOINT_FORMAT, state=state.state_dict(), config=dataclasses.asdict(cfg),
+    ckpt = dict(format=CHECKPOINT_FORMAT, run_id=state.run_id, state=state.state_dict(), config=dataclasses.asdict(cfg),
                 rng_cpu=torch.get_rng_state(), rng_device=torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None)
     tmp = Path(f"{path}.{os.getpid()}.tmp")  # a killed write leaves only this file behind
     torch.save(ckpt, tmp)
@@ -1183,6 +1137,7 @@ def load_checkpoint(path, device="cpu", best=False):
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise InputError(f"{path} is not a checkpoint of this version of ilsgan.py (format "
                          f"{ckpt.get('format', 1) if isinstance(ckpt, dict) else '?'}, this version reads {CHECKPOINT_FORMAT}): train it again")
+    ckpt["loaded_from"] = str(path)  # where a resumed run comes from (run_folder)
     return Config(**ckpt["config"]), ckpt
 
 
@@ -1201,15 +1156,26 @@ def read_fid_log(run_dir):
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def read_results(run_dir):
+    """The run's results.json as a dict ({} if there is none); a file that is not one is an error."""
+    path = Path(run_dir) / "results.json"
+    if not path.is_file():
+        return {}
+    try:
+        results = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InputError(f"{path} is not a results file ({e}); move it away to score the run again") from None
+    if not isinstance(results, dict):
+        raise InputError(f"{path} is not a results file (a JSON object of sections); move it away to score again")
+    return results
+
+
 def write_results(run_dir, section, values):
     """results.json in the run folder, one section per tool (segmentation, mi, ...), written atomically."""
-    path = Path(run_dir) / "results.json"
     with folder_lock(Path(run_dir), "results.json.lock", wait=60):  # two tools may finish at once
-        results = json.loads(path.read_text()) if path.exists() else {}
+        results = read_results(run_dir)
         results[section] = values
-        tmp = path.with_name(f"results.json.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(results, indent=2))
-        os.replace(tmp, path)
+        write_json(Path(run_dir) / "results.json", results)
     return results
 
 
@@ -1383,20 +1349,35 @@ def _layout_error(name, root, problem):
 
 
 def read_rgb(path, bgr=False):
-    """Any image file -> uint8 [H,W,3] RGB (grayscale and RGBA converted); bgr=True swaps channels,
-    reproducing the official cv2 reads of cars and dogs."""
+    """Any image file -> uint8 [H,W,3] RGB, by value: grayscale of any bit depth (16-bit, 32-bit,
+    float) scaled to 8 bits, alpha dropped; bgr=True swaps channels, reproducing the official cv2
+    reads of cars and dogs."""
     from PIL import Image
     try:
         with Image.open(path) as im:
-            a = np.asarray(im.convert("RGB"))
+            if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # convert("RGB") would clip these to white
+                a = np.repeat(to_8bit(np.asarray(im), im.mode)[..., None], 3, axis=2)
+            else:
+                a = np.asarray(im.convert("RGB"))
     except Exception as e:  # a corrupt file names itself; nothing is skipped or replaced
         raise InputError(f"cannot read image {path}: {e}") from None
     return np.ascontiguousarray(a[..., ::-1]) if bgr else a
 
 
-def read_gray(path):
+def to_8bit(a, mode):
+    """A single-channel image of any depth -> uint8, scaled by its type's range (float: by [0, 1], or
+    [0, 255] if its values go beyond 1)."""
+    a = a.astype(np.float64)
+    top = a.max(initial=0)
+    span = (1.0 if top <= 1 else 255.0) if mode == "F" else 255.0 if top <= 255 else 65535.0 if top <= 65535 else 2.0**32 - 1
+    return np.clip(np.round(a / span * 255), 0, 255).astype(np.uint8)
+
+
+def read_gray(path, via_alpha=None):
     """Mask file -> float [H,W] in [0,1], by value and without dithering: 0/255 or soft gray (CUB),
-    0/1, 16-bit, palette (index 0 is background) or coloured (any channel) masks. A label map
+    0/1, 16-bit, palette (index 0 is background) or coloured (any channel) masks. An alpha channel is
+    not the mask (an opaque mask is opaque everywhere) unless the colour channels are constant: then
+    the alpha carries the mask, and the path is added to the list via_alpha (to be said). A label map
     (integer values 0..k, 1 < k < 128) is refused: it has no foreground/background meaning."""
     from PIL import Image
     try:
@@ -1406,7 +1387,15 @@ def read_gray(path):
         raise InputError(f"cannot read mask {path}: {e}") from None
     if mode == "P":  # palette indices
         return (a > 0).astype(np.float32)
-    a = (a.max(axis=2) if a.ndim == 3 else a).astype(np.float32)  # RGB(A): any coloured channel
+    if mode in ("LA", "La", "RGBA", "RGBa", "PA"):
+        colour, alpha = a[..., :-1], a[..., -1]
+        if colour.min() == colour.max() and alpha.min() != alpha.max():
+            if via_alpha is not None:
+                via_alpha.append(path)
+            a = alpha
+        else:
+            a = colour
+    a = (a.max(axis=2) if a.ndim == 3 else a).astype(np.float32)  # RGB: any coloured channel
     top = a.max(initial=0)
     if mode not in ("F", "1") and 1 < top < 128 and len(np.unique(a)) <= top + 1:
         labels = np.unique(a).astype(int).tolist()
@@ -1458,7 +1447,8 @@ def _tokens(path, name, root):
 
 
 def _table(path, name, root, cols):
-    """Whitespace table '<id> <values...>' -> {id: [values]}; checks the column count per line."""
+    """Whitespace table '<id> <values...>' -> {id: [values]} (the line numbers in lines_of[path]);
+    checks the column count per line."""
     if not path.is_file():
         raise _layout_error(name, root, f"missing {path.name}")
     rows = {}
@@ -1470,11 +1460,36 @@ def _table(path, name, root, cols):
             if int(parts[0]) in rows:
                 raise InputError(f"{path}:{i}: image id {parts[0]} is listed twice")
             rows[int(parts[0])] = parts[1:]
+            lines_of.setdefault(path, {})[int(parts[0])] = i
     return rows
 
 
-def real_items(name, root, split):
-    """-> list of (image path, mask path or None, crop kind, box) and a note on the split used."""
+lines_of = {}  # {table path: {image id: line number}}, for errors that name the line
+
+
+def _inside(path, root, where):
+    """path, which a list in the dataset names, must stay inside the data root."""
+    if not Path(path).resolve().is_relative_to(Path(root).expanduser().resolve()):
+        raise InputError(f"{where} names {path}, which is outside the data root {root}")
+    return path
+
+
+def _box(values, path, image_id):
+    """A CUB box 'x y width height' -> 4 floats, at or right of and below 0 with a positive size."""
+    line = f"{path}:{lines_of.get(path, {}).get(image_id, '?')}"
+    try:
+        x, y, w, h = (float(v) for v in values)
+    except ValueError:
+        raise InputError(f"{line}: the box of image {image_id} is not 4 numbers: {' '.join(values)}") from None
+    if not all(map(math.isfinite, (x, y, w, h))) or x < 0 or y < 0 or w <= 0 or h <= 0:
+        raise InputError(f"{line}: the box of image {image_id} ({x:g} {y:g} {w:g} {h:g}) must start at 0 or more "
+                         "and have a positive width and height")
+    return [x, y, w, h, line]
+
+
+def real_items(name, root, split, skip_unmasked=False):
+    """-> list of (image path, mask path or None, crop kind, box) and a note on the split used. Every
+    file a list names is checked to lie inside the data root."""
     r = Path(root).expanduser()
     if not root or not r.is_dir():
         raise _layout_error(name, root, "no such folder (give it with --data-root)")
@@ -1484,9 +1499,11 @@ def real_items(name, root, split):
         toks = _tokens(r / npy, name, root)
         if split == "train":
             d = r / ("data_mrcnn/train/orig" if name == "cars" else "train_orig/orig")
-            return [(d / f"{t}_orig.png", None, "centre", None) for t in toks], npy
+            return [(_inside(d / f"{t}_orig.png", r, f"{r / npy}: token {i} ({t!r})"), None, "centre", None)
+                    for i, t in enumerate(toks)], npy
         d = r / "data_mrcnn/test/resized"
-        return [(d / f"{t}_resized.png", d / f"{t}_maskresized.png", "full", None) for t in toks], npy
+        return [(_inside(d / f"{t}_resized.png", r, f"{r / npy}: token {i} ({t!r})"), d / f"{t}_maskresized.png", "full", None)
+                for i, t in enumerate(toks)], npy
     if name == "cub":
         images = _table(r / "images.txt", name, root, 2)
         boxes = _table(r / "bounding_boxes.txt", name, root, 5)
@@ -1501,10 +1518,11 @@ def real_items(name, root, split):
             raise InputError(f"cub at {root}: images.txt, bounding_boxes.txt and the split file do not list the "
                              f"same ids (e.g. {missing[:5]})")
         ids = [i for i in sorted(images) if splits[i][0] == want[split]]
+        image = {i: _inside(r / "images" / images[i][0], r, f"{r / 'images.txt'}:{lines_of[r / 'images.txt'][i]}") for i in ids}
         if split == "train":  # official: the full image, centre square crop, no box; no masks needed
-            return [(r / "images" / images[i][0], None, "centre", None) for i in ids], note
-        return [(r / "images" / images[i][0], r / "segmentations" / (images[i][0].rsplit(".", 1)[0] + ".png"),
-                 "drc", [float(v) for v in boxes[i]]) for i in ids], note
+            return [(image[i], None, "centre", None) for i in ids], note
+        return [(image[i], r / "segmentations" / (images[i][0].rsplit(".", 1)[0] + ".png"), "drc",
+                 _box(boxes[i], r / "bounding_boxes.txt", i)) for i in ids], note
     if name == "folder":
         img_dir = r / "images" if (r / "images").is_dir() else r
         files = sorted(p for p in img_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTS and "masks" not in p.relative_to(r).parts[:1])
@@ -1513,19 +1531,24 @@ def real_items(name, root, split):
         if not (r / "masks").is_dir():
             raise _layout_error(name, root, "no masks/ folder, so there is no test split")
         items = [(p, (r / "masks" / p.relative_to(img_dir)).with_suffix(".png"), "centre", None) for p in files]
-        return [it for it in items if it[1].is_file()], "images with a mask in masks/"
+        unmasked = [it[0] for it in items if not it[1].is_file()]
+        if unmasked and not skip_unmasked:
+            raise _layout_error(name, root, f"{len(unmasked)} test images have no mask in masks/ (e.g. {unmasked[0]}); "
+                                "give each one, or --skip-unmasked to leave them out")
+        return ([it for it in items if it[1].is_file()], "images with a mask in masks/"
+                + (f"; {len(unmasked)} without one skipped (--skip-unmasked)" if unmasked else ""))
     raise InputError(f"unknown dataset {name!r}: synthetic | cars | dogs | cub | folder")
 
 
 DECODE_VERSION = 1  # part of the decode cache's key: a change to decoding makes old caches miss
 
 
-def load_real(name, root, res, split, bgr=False):
+def load_real(name, root, res, split, bgr=False, skip_unmasked=False):
     """Decode a real split into uint8 [N,3,res,res] (+ bool masks [N,1,res,res] for test), on a
     thread pool, once: the result is cached (cache_dir(), no pickle) under a key of every file's path,
     size and modification time, the resolution, the crops and the channel order, so a changed dataset
     is decoded again; torchrun's processes wait for one of them to decode it and then read the cache."""
-    items, note = real_items(name, root, split)
+    items, note = real_items(name, root, split, skip_unmasked)
     if not items:
         raise _layout_error(name, root, f"the {split} split is empty ({note})")
     missing = [str(p) for it in items for p in it[:2] if p is not None and not p.is_file()]
@@ -1574,19 +1597,30 @@ def decode_items(items, res, bgr, desc):
     from concurrent.futures import ThreadPoolExecutor
     from tqdm import tqdm
 
+    via_alpha = []
+
     def decode(item):
         img_path, mask_path, crop, box = item
         img = read_rgb(img_path, bgr)
         H, W = img.shape[:2]
-        cbox = drc_crop(*box, W, H) if crop == "drc" else centre_square(H, W) if crop == "centre" else None
+        if crop == "drc" and (box[0] + box[2] > W + 1 or box[1] + box[3] > H + 1):
+            raise InputError(f"{box[4]}: the box of {img_path} ({' '.join(f'{v:g}' for v in box[:4])}) leaves its "
+                             f"{W}x{H} image")
+        cbox = drc_crop(*box[:4], W, H) if crop == "drc" else centre_square(H, W) if crop == "centre" else None
         if mask_path is None:
             return resize(img, res, cbox), None
-        m = read_gray(mask_path)
+        m = read_gray(mask_path, via_alpha)
         if m.shape != (H, W):
             raise InputError(f"mask {mask_path} is {m.shape[1]}x{m.shape[0]}, its image is {W}x{H}")
         return resize(img, res, cbox), resize(m, res, cbox) > 0.5  # explicit threshold at 0.5, no dithering
-    with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
+    pool = ThreadPoolExecutor(min(16, os.cpu_count() or 1))
+    try:
         out = list(tqdm(pool.map(decode, items), total=len(items), desc=desc, leave=False))
+    finally:  # on an error or an interrupt, the images not yet decoded are dropped, not waited for
+        pool.shutdown(wait=True, cancel_futures=True)
+    if via_alpha:
+        print(f"{len(via_alpha)} masks have constant colour and carry the mask in their alpha channel, which was read "
+              f"(e.g. {via_alpha[0]})")
     x = torch.from_numpy(np.stack([a for a, _ in out])).permute(0, 3, 1, 2).contiguous()
     return x, (torch.from_numpy(np.stack([b for _, b in out]))[:, None] if out[0][1] is not None else None)
 
@@ -1670,6 +1704,172 @@ def real_fid_stats(net, data, cfg):
 
 
 # ----------------------------------------------------------------------------------------------
+# D. One run's plumbing: what train() leaves to Run
+# ----------------------------------------------------------------------------------------------
+
+
+class Run:
+    """train()'s plumbing. Entering: join torchrun's processes, claim the run folder under its lock
+    (one run, one folder), settle the precision, load the data, build the State or resume it, cut the
+    logs back to the checkpoint. log(): every log_kimg the means of the statistics, read from the device
+    once, checked (a non-finite or diverging loss stops the run: its checkpoint is then the last good
+    one) and written. snapshot(): grid, checkpoint, FID. Leaving: the folder is released, and an
+    interrupt learns where it came and what was kept."""
+
+    def __init__(self, cfg, ckpt=None, overwrite=False):
+        self.cfg, self.ckpt, self.overwrite, self.out = cfg, ckpt, overwrite, Path(cfg.out)
+
+    def __enter__(self):
+        self.exit = contextlib.ExitStack()
+        try:
+            self.start()
+        except BaseException:
+            self.exit.close()
+            raise
+        return self
+
+    def start(self):
+        from tqdm import tqdm
+        cfg, ckpt, out = self.cfg, self.ckpt, self.out
+        self.device = dev = init_processes(cfg)  # joins torchrun's process group when launched by it
+        rank, n_proc = world()
+        self.writer, self.batch = rank == 0, cfg.batch // n_proc  # process 0 alone writes the run folder
+        if self.writer:
+            self.exit.enter_context(run_folder(out, ckpt, self.overwrite))
+        setup_device(dev, cfg.tf32)
+        amp, why = amp_choice(dev) if cfg.amp == "auto" else (cfg.amp, "--amp " + cfg.amp)
+        self.cfg = cfg = with_overrides(cfg, amp=amp)  # the run records the precision it trains in
+        self.data = load_dataset(cfg.dataset, cfg.data_root, cfg.resolution, "train", cfg.n_train, cfg.bgr,
+                                 cfg.skip_unmasked)[0].to(dev)
+        self.state = state = State(cfg, dev)
+        state.run_id = (ckpt or {}).get("run_id") or os.urandom(6).hex()
+        self.kept = None  # kimg of the checkpoint on disk
+        if ckpt is not None:
+            state.load_state_dict(ckpt["state"])
+            restore_rng(ckpt, dev)
+            self.kept = state.nimg / 1000
+            print(f"resumed at {self.kept:.1f} kimg (ada p {state.ada_p.item():.3f})")
+        if rank > 0:  # same networks everywhere, but each process its own images, latents and noise
+            torch.manual_seed(cfg.seed + 7919 * rank + state.step)
+        if self.writer:
+            for log in ("stats.jsonl", "fid.jsonl"):  # what was logged after the checkpoint is logged again
+                cut_log(out / log, state.nimg / 1000)
+            write_json(out / "config.json", dict(dataclasses.asdict(cfg), run_id=state.run_id))
+            n_g, n_d = (sum(p.numel() for p in net.parameters()) for net in (state.G, state.D))
+            print(f"G {n_g / 1e6:.2f} M parameters (fg + bg), D {n_d / 1e6:.2f} M | {len(self.data)} training images "
+                  f"at {cfg.resolution}px | device {dev}" + (f" x {n_proc} processes" if n_proc > 1 else "")
+                  + f", precision {amp} ({why}) | run folder {out}")
+        self.grid_z = torch.randn(8, cfg.z_dim, generator=torch.Generator().manual_seed(cfg.seed)).to(dev)
+        self.fid_net = inception_network(dev) if cfg.fid_n > 0 and self.writer else None  # official: FID at every snapshot
+        self.real_stats = real_fid_stats(self.fid_net, self.data, cfg) if self.fid_net is not None else None
+        self.total, self.acc, self.t0, self.n0 = int(cfg.kimg * 1000), {}, time.time(), state.nimg
+        self.bar = tqdm(total=self.total, initial=min(state.nimg, self.total), unit="img", unit_scale=True,
+                        dynamic_ncols=True, disable=not self.writer)
+        self.exit.callback(self.bar.close)
+
+    def log(self, stats):
+        """Sum the step's statistics on the device; at a log or snapshot step, read and check their means."""
+        cfg, state = self.cfg, self.state
+        self.bar.update(cfg.batch)
+        for k, v in stats.items():  # sums and counts, still on the device
+            self.acc[k] = (self.acc[k][0] + v, self.acc[k][1] + 1) if k in self.acc else (v, 1)
+        done = state.nimg >= self.total
+        log_now = done or crossed(state.nimg, cfg.batch, cfg.log_kimg)
+        if not (log_now or done or crossed(state.nimg, cfg.batch, cfg.snap_kimg)):
+            return
+        rec = read_stats(self.acc)  # the loop's one wait for the device
+        stop_if_lost(rec, state, cfg, self.kept, self.out)  # before any checkpoint is written
+        if self.writer and log_now:
+            rec.update(kimg=state.nimg / 1000, step=state.step, sec=time.time() - self.t0,
+                       kimg_per_s=(state.nimg - self.n0) / 1000 / (time.time() - self.t0),
+                       flags=collapse_flags(rec, state.loss_ref, cfg.diverge_flag))
+            with open(self.out / "stats.jsonl", "a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+            self.bar.set_postfix_str(f"G {rec['loss_G']:.2f} D {rec['loss_D']:.2f} ILS {rec['loss_ils']:+.3f} "
+                                     f"p {rec['ada_p']:.2f} area {rec['mask_area']:.2f} bin {rec['mask_binary']:.2f} "
+                                     + (" ".join(f"!{fl}" for fl in rec["flags"]) or "ok"))
+        if log_now:
+            self.acc = {}
+
+    def snapshot(self):
+        if self.writer:
+            message = snapshot(self.state, self.cfg, self.out, self.grid_z, self.fid_net, self.real_stats)
+            self.kept = self.state.nimg / 1000
+            if message:
+                self.bar.write(message)
+
+    def __exit__(self, kind, exc, tb):
+        if isinstance(exc, Interrupt) and exc.where is None:
+            exc.where = f"training, at {self.state.nimg / 1000:.2f} of {self.total / 1000:g} kimg"
+            exc.kept = (f"{self.out / 'checkpoint.pt'} at {self.kept:.2f} kimg, the last snapshot" if self.kept is not None
+                        else "nothing: no checkpoint had been written yet")
+        elif kind is None:
+            check_in_step(self.state.G)
+        self.exit.close()
+        return False
+
+
+@contextlib.contextmanager
+def scoring(run_dir, section, what):
+    """An evaluation of a run folder (unet_eval.py, mine.py): under the run's lock, so that no run
+    starts, resumes or is overwritten there meanwhile; its results.json checked before any work; and
+    an interrupt told what was kept."""
+    check_writable(run_dir)
+    with folder_lock(run_dir):
+        read_results(run_dir)
+        try:
+            yield
+        except Interrupt as e:
+            if e.where is None:
+                e.where = f"{what} of {run_dir}"
+                e.kept = f"the run as it was; results.json has no new '{section}' section (scoring not finished)"
+            raise
+
+
+def stop_if_lost(rec, state, cfg, kept, out):
+    """Stop every process at once when any of them saw a non-finite loss since the last check, or
+    (ours) an adversarial loss beyond diverge_stop times its first logged value; the checkpoint on disk
+    is then the last good one, since checkpoints are written only after this check."""
+    if state.loss_ref is None and all(math.isfinite(rec[k]) for k in ("loss_adv", "loss_D")):
+        state.loss_ref = {k: max(abs(rec[k]), 1.0) for k in ("loss_adv", "loss_D")}
+    bad = [f"{k} became non-finite" for k in ("loss_G", "loss_D", "r1") if k in rec and not math.isfinite(rec[k])]
+    if not bad and cfg.diverge_stop > 0 and state.loss_ref:
+        bad = [f"{k} reached {rec[k]:.3g}, over {cfg.diverge_stop:g} times its first value {v:.3g} (--diverge-stop)"
+               for k, v in state.loss_ref.items() if abs(rec[k]) > cfg.diverge_stop * v]
+    if all_mean(torch.tensor([float(len(bad))], device=state.ada_p.device)).item() == 0:
+        return
+    last = f"{out / 'checkpoint.pt'} ({kept:.1f} kimg)" if kept is not None else None
+    kind = NonFiniteLoss if "non-finite" in (bad or ["non-finite"])[0] else Diverged
+    raise kind(f"{'; '.join(bad) or 'a loss became non-finite in another process'} before step {state.step} "
+               f"({state.nimg / 1000:.1f} kimg). Training stopped; "
+               + (f"the last good checkpoint is {last}" if last else "no checkpoint had been written yet"))
+
+
+def cut_log(path, kimg):
+    """A log (stats.jsonl, fid.jsonl) cut back to the records up to kimg, a torn last line dropped."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:  # cut off when the run was killed
+            continue
+        if isinstance(rec, dict) and rec.get("kimg", math.inf) <= kimg + 1e-9:
+            keep.append(line)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
+def write_json(path, value):
+    """Atomically: a killed write leaves the previous file."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(value, indent=2))
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
 # D. Several processes: `torchrun --nproc_per_node N ilsgan.py ...` (data parallel, as StyleGAN2-ADA:
 #    every process holds the same networks, draws batch / N of its own images and latents, and the
 #    gradients are averaged before every optimiser step; process 0 logs and writes the run folder)
@@ -1741,7 +1941,11 @@ class InputError(ValueError):
 def check(cfg, positive=(), nonneg=(), choices=None, rules=()):
     """Raise InputError naming every field out of range (one line each) before any work is done.
     rules: (field, ok, what it must be) for the conditions that need more than a sign or a list."""
-    rules = [*[(f, getattr(cfg, f) > 0, "positive") for f in positive],
+    numbers = [f.name for f in dataclasses.fields(cfg) if isinstance(getattr(cfg, f.name), float)]
+    bad_numbers = [f for f in numbers if not math.isfinite(getattr(cfg, f))]
+    positive, nonneg = [f for f in positive if f not in bad_numbers], [f for f in nonneg if f not in bad_numbers]
+    rules = [*[(f, False, "a finite number") for f in bad_numbers],
+             *[(f, getattr(cfg, f) > 0, "positive") for f in positive],
              *[(f, getattr(cfg, f) >= 0, "0 or more") for f in nonneg],
              *[(f, getattr(cfg, f) in c, "one of " + " | ".join(c)) for f, c in (choices or {}).items()], *rules]
     bad = [f"--{f.replace('_', '-')} {getattr(cfg, f)!r}: must be {what}" for f, ok, what in rules if not ok]
@@ -1750,11 +1954,13 @@ def check(cfg, positive=(), nonneg=(), choices=None, rules=()):
 
 
 def check_device(name):
-    """A device name that parses and exists here -> the torch.device."""
+    """A device name that parses, is one this project runs on, and exists here -> the torch.device."""
     try:
         dev = pick_device(name)
     except RuntimeError:
         raise InputError(f"--device {name!r}: not a device name (auto | cpu | cuda | cuda:N)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"--device {name}: this project runs on a CPU or a CUDA GPU (auto | cpu | cuda | cuda:N)")
     if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
         raise InputError(f"--device {name}: PyTorch sees {torch.cuda.device_count() if torch.cuda.is_available() else 'no'}"
                          " CUDA GPU here; use --device cpu (or auto)")
@@ -1779,31 +1985,85 @@ def check_config(cfg):
                  ("beta2", 0 <= cfg.beta2 < 1, "in [0, 1)"), ("shift", cfg.shift < 0.5, "below 0.5"),
                  ("r1_gamma", cfg.r1_gamma >= 0 or cfg.r1_gamma == -1, "0 or more, or -1 (the official automatic value)"),
                  ("fid_n", cfg.fid_n != 1, "0 (off) or 2 or more"),
-                 ("data_root", root_ok, f"an existing folder holding the {cfg.dataset} layout (see --check-data)")])
-    check_device(cfg.device)
+                 ("data_root", root_ok, f"an existing folder holding the {cfg.dataset} layout (see --check-data)"),
+                 ("out", cfg.out.strip() != "", "a folder for the run"),
+                 ("out", cfg.dataset == "synthetic" or not root_ok or not Path(cfg.out).resolve().is_relative_to(
+                     Path(cfg.data_root).expanduser().resolve()), "outside --data-root (a run never writes into its data)")])
+    dev = check_device(cfg.device)
+    check_memory(cfg, dev)
+
+
+def check_memory(cfg, dev):
+    """Refuse sizes that cannot be allocated here, before any work: the networks (built on the meta
+    device: no memory), their gradients, Adam's moments and G_ema, the decoded synthetic data and a
+    lower bound of the activations a step keeps, against the device's memory."""
+    with torch.device("meta"):
+        n_params = sum(p.numel() for net in (Generator(cfg), Discriminator(cfg)) for p in net.parameters())
+    per_image = sum(channels_at(2**i, cfg) * 4**i for i in range(2, int(math.log2(cfg.resolution)) + 1))
+    need = {"the networks with their gradients, Adam's moments and G_ema": 5 * 4 * n_params,
+            "the training images": cfg.n_train * 3 * cfg.resolution**2 if cfg.dataset == "synthetic" else 0,
+            "one batch's activations": cfg.batch * per_image * 4 * 4}
+    require_memory(need, dev, "--batch, --resolution, --channel-max, --channel-base, --z-dim, --w-dim, --n-train")
+
+
+def require_memory(need, dev, flags):
+    """need: {what: bytes}; their sum must fit in dev's memory (a CPU's RAM, a GPU's memory)."""
+    total = sum(need.values())
+    if dev.type == "cuda":
+        have = torch.cuda.get_device_properties(dev.index or 0).total_memory
+    elif hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    else:
+        return
+    if total > have:
+        parts = ", ".join(f"{what} {b / 2**30:.3g} GiB" for what, b in need.items() if b)
+        raise InputError(f"these sizes need at least {total / 2**30:.3g} GiB ({parts}); {dev} has {have / 2**30:.3g} GiB: "
+                         f"make one of {flags} smaller")
 
 
 RUN_FILES = ("config.json", "stats.jsonl", "checkpoint.pt", "best.pt", "fid.jsonl", "results.json", "segmentation.png",
              "oracle.png", "grid-*.png")
 
 
-def claim_run_folder(out, resuming, overwrite=False):
-    """A run folder belongs to one run: make it (or fail early if it cannot be written), and refuse to
-    start a second run in a folder that holds one, unless resuming it or told to overwrite it."""
+@contextlib.contextmanager
+def run_folder(out, ckpt=None, overwrite=False):
+    """The run folder, held by this run while the block runs: made (an unwritable one fails now, not
+    after hours of work), then locked, and only then claimed: a folder that holds another run is
+    refused, unless told to overwrite it, which deletes its run files. A checkpoint continues in its
+    own folder, in one that holds the same run, or in an empty one (its logs are copied there)."""
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file; give a folder")
     check_writable(out)
-    held = [p for pattern in RUN_FILES for p in out.glob(pattern)]
-    if held and not resuming and not overwrite:
-        raise InputError(f"{out} holds a run ({', '.join(sorted({p.name for p in held})[:3])}): continue it with "
-                         f"--resume {out}, start it again with --overwrite, or give another --out")
-    if held and overwrite and not resuming:
-        for p in held:
-            p.unlink()
-    for p in out.glob("*.*.tmp"):  # half-written by a process that was killed (save_checkpoint, write_results)
-        pid = p.suffixes[-2][1:]
-        if pid.isdigit() and not process_alive(int(pid)):
-            p.unlink(missing_ok=True)
+    with folder_lock(out):
+        held = sorted({p.name for pattern in RUN_FILES for p in out.glob(pattern)})
+        if ckpt is not None:
+            source = Path(ckpt.get("loaded_from", out / "checkpoint.pt")).parent
+            if source.resolve() != out.resolve():
+                if held and (run_id_of(out) is None or run_id_of(out) != ckpt.get("run_id")):
+                    raise InputError(f"--out {out} holds another run ({', '.join(held[:3])}): --resume {source} "
+                                     "continues in its own folder, or in an empty one")
+                for name in ([] if held else ["stats.jsonl", "fid.jsonl", "best.pt"]):
+                    if (source / name).is_file():
+                        shutil.copyfile(source / name, out / name)
+        elif held and not overwrite:
+            raise InputError(f"{out} holds a run ({', '.join(held[:3])}): continue it with --resume {out}, start it "
+                             "again with --overwrite, or give another --out")
+        elif held:
+            for p in [p for pattern in RUN_FILES for p in out.glob(pattern)]:
+                p.unlink()
+        for p in out.glob("*.*.tmp"):  # half-written by a process that was killed (save_checkpoint, write_json)
+            pid = p.suffixes[-2][1:]
+            if pid.isdigit() and not process_alive(int(pid)):
+                p.unlink(missing_ok=True)
+        yield out
+
+
+def run_id_of(folder):
+    """The id of the run a folder holds (its config.json's run_id), or None."""
+    try:
+        return json.loads((Path(folder) / "config.json").read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def check_writable(folder):
@@ -1817,11 +2077,17 @@ def check_writable(folder):
         raise InputError(f"cannot write to {folder} ({e.strerror}): the results go there") from None
 
 
+HELD_LOCKS = set()  # the locks this process holds: taking one again is a no-op (the evaluations within a run's)
+
+
 @contextlib.contextmanager
 def folder_lock(folder, name=".lock", wait=0.0):
     """While the block runs, folder/name holds this process's id, and no other process gets the same
     lock (waiting up to `wait` seconds for it); a lock left by a killed process is taken over."""
-    path, t0 = folder / name, time.time()
+    path, t0 = Path(folder) / name, time.time()
+    if path.resolve() in HELD_LOCKS:
+        yield
+        return
     while True:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -1837,9 +2103,11 @@ def folder_lock(folder, name=".lock", wait=0.0):
                 time.sleep(0.1)
     os.write(fd, str(os.getpid()).encode())
     os.close(fd)
+    HELD_LOCKS.add(path.resolve())
     try:
         yield
     finally:
+        HELD_LOCKS.discard(path.resolve())
         path.unlink(missing_ok=True)
 
 
@@ -1853,6 +2121,37 @@ def process_alive(pid):
     except PermissionError:  # exists, owned by someone else
         return True
     return True
+
+
+class Interrupt(BaseException):
+    """SIGINT or SIGTERM (error_boundary raises it where the program was); the code it passes through
+    fills in where it came (where) and what is kept (kept)."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum, self.where, self.kept = signum, None, None
+
+
+def error_boundary(body, again):
+    """A script's main: runs body(). What was given is wrong -> one line `error: ...`, exit code 1.
+    SIGINT or SIGTERM -> one line: where it stopped, what was kept, and again(), the command that
+    continues; exit code 130 or 143. A bug still shows its traceback."""
+    def interrupt(signum, frame):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_DFL)  # a second one ends the process at once
+        raise Interrupt(signum)
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return body()
+    except Interrupt as e:
+        sys.stderr.write(f"\nstopped by {e} during {e.where or 'the start, before any work was kept'}; kept: "
+                         f"{e.kept or 'what was there before'}; continue with: {again()}\n")
+        sys.exit(128 + e.signum)
+    except (InputError, TrainingStopped, OSError) as e:
+        sys.exit(f"error: {e}")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1894,10 +2193,8 @@ def companion_main(cls, presets, doc, argv, evaluate):
     cfg = companion_config(cls, presets, args.preset or "auto", **given(args, cls))
     if not cfg.ckpt:
         ap.error("--ckpt RUN_DIR_OR_CKPT is required")
-    try:  # the error boundary, as in main()
-        return evaluate(cfg)
-    except (InputError, OSError) as e:
-        sys.exit(f"error: {e}")
+    argv = sys.argv[1:] if argv is None else list(map(str, argv))
+    return error_boundary(lambda: evaluate(cfg), lambda: f"python {evaluate.__module__}.py {' '.join(argv)} (it starts over)")
 
 
 RESUME_FIXED = ("dataset", "resolution", "z_dim", "w_dim", "map_layers", "channel_base", "channel_max", "seed")
@@ -1910,48 +2207,76 @@ def main(argv=None):
     ap.add_argument("--check-data", action="store_true",
                     help="load the train and test splits of --dataset, print what was found, and exit")
     args = ap.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(map(str, argv))
     overrides, rank = given(args, Config), int(os.environ.get("RANK", "0"))  # RANK: set by torchrun
-    try:  # the error boundary: what was given is wrong -> one `error:` line; a bug still shows its traceback
-        ckpt = None
-        if args.resume:
-            saved, ckpt = load_checkpoint(args.resume)
-            if args.preset:
-                raise InputError("--preset does not go with --resume: the run continues with its own config, "
-                                 "and the flags given with --resume are applied on top of it")
-            fixed = [f"--{k.replace('_', '-')} {overrides[k]} (the run has {getattr(saved, k)})" for k in RESUME_FIXED
-                     if k in overrides and overrides[k] != getattr(saved, k)]
-            if fixed:
-                raise InputError(f"--resume continues the run as it was built, so {', '.join(fixed)} cannot change; "
-                                 "start a new run (--out) for that")
-            overrides.setdefault("out", str(find_checkpoint(args.resume).parent))  # continue in the same folder
-            cfg = with_overrides(saved, **overrides)
-            if rank == 0 and overrides.keys() - {"out"}:
-                print("resuming with " + ", ".join(f"{k}={v} (was {getattr(saved, k)})" for k, v in overrides.items() if k != "out"))
-        else:
-            preset, why = (args.preset, "given") if args.preset else choose_preset(
-                overrides.get("dataset", "synthetic"), overrides.get("device", "auto"), overrides.get("resolution"))
-            print(f"preset {preset} ({why})")
-            cfg = make_config(preset, **overrides)
+    out = []  # the run folder, once known
+
+    def again():  # the command that continues after an interrupt
+        if out and (out[0] / "checkpoint.pt").is_file():
+            return f"python ilsgan.py --resume {out[0]}"
+        return "python ilsgan.py " + " ".join(argv + ([] if "--overwrite" in argv else ["--overwrite"]))
+
+    def body():
+        cfg, ckpt = resume_config(args.resume, args.preset, args.overwrite, overrides, rank) if args.resume else \
+            (new_config(args.preset, overrides), None)
         check_config(cfg)
         if args.check_data:
             return check_data(cfg)
+        out.append(Path(cfg.out))
         if rank == 0:
             print(json.dumps(dataclasses.asdict(cfg)))
-        out = train(cfg, ckpt, args.overwrite)
+        train(cfg, ckpt, args.overwrite)
         if cfg.evaluate and rank == 0:
             # The companions score the run folder and add their sections to its results.json; this is
-            # the one place where this file reaches up to them.
+            # the one place where this file reaches up to them. The run's lock is held throughout.
             import mine, unet_eval  # noqa: E401
             dev = str(training_device(cfg))  # scored where it trained
-            unet_eval.evaluate(unet_eval.make_config(cfg.eval_preset, ckpt=str(out), device=dev))
-            mine.evaluate(mine.make_config(cfg.eval_preset, ckpt=str(out), device=dev))
-            unet_eval.print_closing_table(out)
-    except (InputError, NonFiniteLoss, OSError) as e:
-        sys.exit(f"error: {e}")
+            with folder_lock(out[0]):
+                unet_eval.evaluate(unet_eval.make_config(cfg.eval_preset, ckpt=str(out[0]), device=dev))
+                mine.evaluate(mine.make_config(cfg.eval_preset, ckpt=str(out[0]), device=dev))
+            unet_eval.print_closing_table(out[0])
+    try:
+        return error_boundary(body, again)
     finally:
         if world()[1] > 1:
             dist.destroy_process_group()
 
 
+def new_config(preset, overrides):
+    """A new run's config: the preset given, or the one that fits the data and the device (said why)."""
+    preset, why = (preset, "given") if preset else choose_preset(
+        overrides.get("dataset", "synthetic"), overrides.get("device", "auto"), overrides.get("resolution"))
+    print(f"preset {preset} ({why})")
+    return make_config(preset, **overrides)
+
+
+RESUME_FIXED = ("dataset", "resolution", "z_dim", "w_dim", "map_layers", "channel_base", "channel_max", "seed")
+
+
+def resume_config(resume, preset, overwrite, overrides, rank=0):
+    """--resume: the run's saved config with the flags given on top, each of which takes effect, and
+    refused where it cannot: what built the networks or the data, and a length the run has passed."""
+    saved, ckpt = load_checkpoint(resume)
+    if preset:
+        raise InputError("--preset does not go with --resume: the run continues with its own config, "
+                         "and the flags given with --resume are applied on top of it")
+    if overwrite:
+        raise InputError("--overwrite starts a run afresh; it does not go with --resume")
+    fixed = [f"--{k.replace('_', '-')} {overrides[k]} (the run has {getattr(saved, k)})" for k in RESUME_FIXED
+             if k in overrides and overrides[k] != getattr(saved, k)]
+    if fixed:
+        raise InputError(f"--resume continues the run as it was built, so {', '.join(fixed)} cannot change; "
+                         "start a new run (--out) for that")
+    reached = ckpt["state"]["nimg"] / 1000
+    if overrides.get("kimg", math.inf) < reached:
+        raise InputError(f"--kimg {overrides['kimg']:g}: the run has reached {reached:g} kimg; give that or more")
+    overrides.setdefault("out", str(find_checkpoint(resume).parent))  # continue in the same folder
+    cfg = with_overrides(saved, **overrides)
+    if rank == 0 and overrides.keys() - {"out"}:
+        print("resuming with " + ", ".join(f"{k}={v} (was {getattr(saved, k)})" for k, v in overrides.items() if k != "out"))
+    return cfg, ckpt
+
+
 if __name__ == "__main__":
-    main()
+    import ilsgan  # this file as a module: the companions import it too, and so share its classes and locks
+    ilsgan.main()

@@ -159,7 +159,15 @@ def evaluate(mc):
                         ("iters", mc.iters >= mc.eval_every, f"at least --eval-every ({mc.eval_every}), or nothing is measured")])
     dev = ilsgan.setup_device(ilsgan.check_device(mc.device))
     ckpt_path = ilsgan.find_checkpoint(mc.ckpt, best=True)  # official: the lowest-FID snapshot if any
-    ilsgan.check_writable(ckpt_path.parent)
+    dim = 3 * mc.res**2
+    ilsgan.require_memory({"the statistics network with its gradients and Adam's moments": 4 * 4 * (2 * dim + 2) * mc.hidden,
+                           "the layers and their pairs": mc.n * dim * 4 * 9}, dev, "--n, --res, --hidden")
+    with ilsgan.scoring(ckpt_path.parent, "mi", "MINE"):
+        return measure(mc, ckpt_path, dev)
+
+
+def measure(mc, ckpt_path, dev):
+    """evaluate()'s work, in the run folder it holds."""
     _, G, _ = ilsgan.load_generator(ckpt_path, dev)
     t0, out = time.time(), {}
     for name, (x, y) in layer_pairs(*generated_layers(G, mc.n, mc.res, mc.seed)).items():

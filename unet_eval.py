@@ -277,12 +277,18 @@ def evaluate(ec):
                         ("seg_res", ec.seg_res >= 16 and ec.seg_res & (ec.seg_res - 1) == 0, "a power of two, 16 or more")])
     dev = ilsgan.setup_device(ilsgan.check_device(ec.device))
     ckpt_path = ilsgan.find_checkpoint(ec.ckpt, best=True)  # official: the lowest-FID snapshot if any
-    ilsgan.check_writable(ckpt_path.parent)
+    with ilsgan.scoring(ckpt_path.parent, "oracle" if ec.oracle else "segmentation", "the U-Net distillation"):
+        return score(ec, ckpt_path, dev)
+
+
+def score(ec, ckpt_path, dev):
+    """evaluate()'s work, in the run folder it holds."""
     cfg, G, kimg = ilsgan.load_generator(ckpt_path, dev)
     dataset, root = ec.dataset or cfg.dataset, ec.data_root or cfg.data_root
     seg_res = min(cfg.resolution, ec.seg_res)
+    check_memory(ec, seg_res, dev)
     t0 = time.time()
-    x_test, m_test = ilsgan.load_dataset(dataset, root, cfg.resolution, "test", cfg.n_train, cfg.bgr)
+    x_test, m_test = ilsgan.load_dataset(dataset, root, cfg.resolution, "test", cfg.n_train, cfg.bgr, cfg.skip_unmasked)
     if m_test is None:
         raise ilsgan.InputError(f"dataset {dataset!r} has no test masks to score against")
     if ec.oracle:  # same protocol, but supervised by real training masks: what the U-Net alone can reach
@@ -315,6 +321,16 @@ def evaluate(ec):
                n_test=len(gt), unet_val=history, seconds=time.time() - t0)
     ilsgan.write_results(ckpt_path.parent, tag, out)
     return out
+
+
+def check_memory(ec, res, dev):
+    """The U-Net (built on the meta device) with its gradients and Adam's moments, the pairs, and a
+    lower bound of a batch's activations must fit in the device's memory."""
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in UNet(ec.width).parameters())
+    ilsgan.require_memory({"the U-Net with its gradients and Adam's moments": 4 * 4 * n_params,
+                           "the generated pairs": ec.n * 3 * res**2 * 5,
+                           "one batch's activations": ec.batch * ec.width * res**2 * 4 * 8}, dev, "--n, --width, --batch")
 
 
 def print_table(seg):

@@ -177,7 +177,8 @@ def test_a_crafted_checkpoint_runs_nothing(tmp_path):
     (["--z-dim", "32"], "--z-dim 32 (the run has 16) cannot change"),
     (["--resolution", "32"], "--resolution 32 (the run has 16) cannot change"),
     (["--preset", "cpu"], "--preset does not go with --resume"),
-    (["--kimg", "0"], "--kimg 0.0: must be positive"),
+    (["--kimg", "0.05"], "--kimg 0.05: the run has reached 0.104 kimg"),
+    (["--overwrite"], "--overwrite starts a run afresh; it does not go with --resume"),
 ])
 def test_resume_refuses_what_it_cannot_apply(copied_run, flags, says):
     before = (copied_run / "config.json").read_text()

@@ -82,7 +82,9 @@ def test_folder_of_images_with_optional_masks(tmp_path):
         save_rgb(tmp_path / "images" / f"sub/{i}.jpg", 40, 30)
     save_mask(tmp_path / "masks" / "sub/1.png", 40, 30, (5, 5, 35, 25))
     assert len(ilsgan.load_dataset("folder", str(tmp_path), 8, "train")[0]) == 3
-    x, m = ilsgan.load_dataset("folder", str(tmp_path), 8, "test")
+    with pytest.raises(FileNotFoundError, match=r"2 test images have no mask in masks/ \(e.g. .*0.jpg\).*--skip-unmasked"):
+        ilsgan.load_dataset("folder", str(tmp_path), 8, "test")  # a mask left out is said, not silently dropped
+    x, m = ilsgan.load_dataset("folder", str(tmp_path), 8, "test", skip_unmasked=True)
     assert len(x) == 1 and m.shape == (1, 1, 8, 8)
 
 
