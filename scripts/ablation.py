@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import ilsgan  # noqa: E402
 
 # named as the paper names them; Table 3's rows by their letter
 VARIANTS = {
@@ -43,8 +45,8 @@ PAIRS = ("vis_fg;inv_bg", "vis_bg;inv_fg", "sum (Eq. 11)", "whole f;b")
 
 
 def finished(folder):
-    path = folder / "results.json"
-    return path.is_file() and {"segmentation", "mi"} <= set(json.loads(path.read_text()))
+    """Does the run hold both scores? (A results.json that is not one is an error naming it.)"""
+    return {"segmentation", "mi"} <= set(ilsgan.read_results(folder))
 
 
 def machine():
@@ -64,6 +66,20 @@ def run_all(runs, jobs, common):
     pending = [r for r in runs if not finished(r[2])]
     print(f"{len(runs) - len(pending)} of {len(runs)} runs already have their results; running {len(pending)}")
     active, failed, t0, made = [], [], time.time(), json.dumps(machine()) + "\n"
+    try:
+        supervise(pending, active, failed, jobs, common, made, t0)
+    except ilsgan.Interrupt as e:  # the runs stop too, each keeping its last checkpoint
+        for proc, _, _ in active:
+            proc.terminate()
+        for proc, _, _ in active:
+            proc.wait()
+        e.where, e.kept = "the ablation's runs", f"every run's last checkpoint ({len(active)} stopped with theirs)"
+        raise
+    return failed
+
+
+def supervise(pending, active, failed, jobs, common, made, t0):
+    """Start the pending runs `jobs` at a time and wait for them."""
     while pending or active:
         while pending and len(active) < jobs:
             variant, seed, folder = pending.pop(0)
@@ -89,15 +105,17 @@ def run_all(runs, jobs, common):
                     failed.append(folder)
                 print(f"{folder.name}: {'done' if proc.returncode == 0 else f'exit {proc.returncode}, see log.txt'} "
                       f"({(time.time() - t0) / 60:.0f} min)", flush=True)
-    return failed
 
 
 def scores(folder):
     """One run's figures, or None if it has not finished."""
     if not finished(folder):
         return None
-    results = json.loads((folder / "results.json").read_text())
-    last = json.loads((folder / "stats.jsonl").read_text().splitlines()[-1])
+    results = ilsgan.read_results(folder)
+    try:
+        last = json.loads((folder / "stats.jsonl").read_text().splitlines()[-1])
+    except (OSError, ValueError, IndexError) as e:
+        raise ilsgan.InputError(f"{folder / 'stats.jsonl'} has no readable last record ({e})") from None
     seg, mi = results["segmentation"]["test"], results["mi"]["nats"]
     made = json.loads((folder / "machine.json").read_text()) if (folder / "machine.json").is_file() else {}
     return dict(iou=seg["iou"], dice=seg["dice"], **{k: mi[k] for k in PAIRS}, flagged=bool(last["flags"]),
@@ -151,8 +169,6 @@ def table(out, variants, seeds_of):
 def mine_spread(run, seeds):
     """MINE (its cpu preset) with several seeds on one checkpoint: the estimator's own spread.
     Nothing is written to the run folder."""
-    sys.path.insert(0, str(ROOT))
-    import ilsgan
     import mine
     print(f"MINE on {run}, seeds {seeds} (samples and statistics network drawn anew for each)")
     rows = []
@@ -174,8 +190,6 @@ def mask_share(runs, seed=0, preset="cpu"):
     information whatever the layers hold. Per run: MINE (mine.py's `preset`) on each region pair and
     on the same visible region against the mask alone; and how far the hidden foreground, which no
     loss bounds, leaves the image range [-1, 1] (MINE sees it clamped). Returns one dict per run."""
-    sys.path.insert(0, str(ROOT))
-    import ilsgan
     import mine
     rows = []
     for run in runs:
@@ -198,8 +212,6 @@ def mask_share(runs, seed=0, preset="cpu"):
 def hidden_grid(runs, path, n=8):
     """What each layer hides (Eq. 10): per run, rows f, f_inv = f*(1-m), b, b_inv = b*m for the same
     n latents; hidden regions are drawn on grey. Leakage shows as the object echoed in b_inv."""
-    sys.path.insert(0, str(ROOT))
-    import ilsgan
     from torchvision.utils import save_image
     rows = []
     for run in runs:
@@ -229,7 +241,19 @@ def main():
     ap.add_argument("--mask-share", nargs="+", metavar="RUN", help="MINE of each Eq. (11) pair beside MINE of its "
                     "visible region and the mask alone (both variables share the mask), then exit")
     args, common = ap.parse_known_args()  # anything else goes to every ilsgan.py run
+    argv = sys.argv[1:]
+    ilsgan.error_boundary(lambda: run(args, common), lambda: f"python scripts/ablation.py {' '.join(argv)} "
+                          "(finished runs are kept; the others continue from their checkpoints)")
+
+
+def run(args, common):
+    if args.jobs < 1:
+        raise ilsgan.InputError(f"--jobs {args.jobs}: must be 1 or more")
+    if not args.out.strip():
+        raise ilsgan.InputError("--out is empty: give the folder of the runs")
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ilsgan.InputError(f"--out {out} is a file; give a folder")
 
     def run_path(r):  # a run folder, or a run's name under --out
         return Path(r) if Path(r).exists() or not (out / r).exists() else out / r

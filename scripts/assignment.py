@@ -2,13 +2,15 @@
 
     python scripts/assignment.py --list                              # the gradable functions
     python scripts/assignment.py club ils_mi_loss --out hw1          # a student copy with those blanked
-    cd hw1 && python scripts/assignment.py --grade                   # a score per function
+    python scripts/assignment.py --grade hw1                          # a score per function, with this project's tests
     python scripts/assignment.py --table                             # the README's equation table
 
 A student copy is the whole project with the chosen functions' bodies replaced by
 `raise NotImplementedError(...)`; their signatures and docstrings stay. It records the assignment in
-ASSIGNMENT.json, and `--grade` runs exactly the tests of those functions and prints, per function,
-how many pass. The project's own files are never modified.
+ASSIGNMENT.json (with the project it came from and a hash of its tests), and `--grade` runs exactly
+the tests of those functions, the instructor's (from the grading script's project, or the recorded one),
+against the student's modules, and prints per function how many pass: tests the student changed or
+added never run. The project's own files are never modified.
 
 EQUATIONS is the one map from equation to function to test: the README's table is printed from it
 (`--table`, checked by the test suite), and tests/test_assignment.py checks that every function's
@@ -16,11 +18,14 @@ tests fail when its body is blanked and for a plausible mistake.
 """
 import argparse
 import ast
+import hashlib
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,13 +92,23 @@ def blank(source, name, eq):
     return "".join(lines[: body[0].lineno - 1] + [todo] + lines[node.end_lineno:])
 
 
+def test_hashes(project):
+    """sha256 of every file of the project's tests (tests/*.py) and of its pytest.ini."""
+    files = sorted((project / "tests").glob("*.py")) + [project / "pytest.ini"]
+    return {str(f.relative_to(project)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files if f.is_file()}
+
+
 def make_copy(names, out):
     unknown = [n for n in names if n not in FUNCTIONS]
     if unknown:
         raise SystemExit(f"error: not gradable: {', '.join(unknown)} (python scripts/assignment.py --list)")
+    if not str(out).strip():
+        raise SystemExit("error: --out is empty: give a folder for the student copy")
     out = Path(out).resolve()
     if out == ROOT or ROOT in out.parents:
         raise SystemExit(f"error: --out {out} is inside the project; the student copy goes elsewhere")
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"error: --out {out} is a file; give a folder for the student copy")
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"error: --out {out} is not empty")
     shutil.copytree(ROOT, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns(
@@ -102,20 +117,66 @@ def make_copy(names, out):
         eq, module, _ = FUNCTIONS[name]
         path = out / f"{module}.py"
         path.write_text(blank(path.read_text(), name, eq))
-    (out / "ASSIGNMENT.json").write_text(json.dumps({n: FUNCTIONS[n][0] for n in names}, indent=2))
-    print(f"wrote {out}: {', '.join(names)} blanked. Grade with: cd {out} && python scripts/assignment.py --grade")
+    record = dict(functions={n: FUNCTIONS[n][0] for n in names}, source=str(ROOT), tests=test_hashes(ROOT))
+    (out / "ASSIGNMENT.json").write_text(json.dumps(record, indent=2))
+    print(f"wrote {out}: {', '.join(names)} blanked. Grade with: python {ROOT / 'scripts' / 'assignment.py'} --grade {out}")
+
+
+def read_assignment(folder):
+    """A student copy's ASSIGNMENT.json -> its record; anything else is an error naming the file."""
+    path = folder / "ASSIGNMENT.json"
+    if not path.is_file():
+        raise SystemExit(f"error: {folder} holds no ASSIGNMENT.json (run --grade inside a student copy, or give its folder)")
+    try:
+        record = json.loads(path.read_text())
+        names = record.get("functions", record) if isinstance(record, dict) else None
+        if not isinstance(names, dict) or not names or any(n not in FUNCTIONS for n in names):
+            raise ValueError("it names no gradable functions")
+    except (ValueError, UnicodeDecodeError, AttributeError) as e:
+        raise SystemExit(f"error: {path} is not an assignment record ({e}); make the copy again with --out") from None
+    return dict(functions=names, source=record.get("source"), tests=record.get("tests"))
+
+
+def original_tests(folder, record):
+    """The instructor's tests: this script's own project when it is not the student copy (the
+    instructor grades with theirs), else the project the copy was made from if its tests are the ones
+    recorded then, else the copy's own if they still are. -> (project folder, what to say)"""
+    if ROOT != folder:
+        return ROOT, f"the instructor's tests, from {ROOT}"
+    recorded = record["tests"]
+    source = Path(record["source"]) if record["source"] else None
+    if source and source != folder and (source / "tests").is_dir() and (recorded is None or test_hashes(source) == recorded):
+        return source, f"the instructor's tests, from {source}, which the copy was made from"
+    if recorded is not None and test_hashes(folder) == recorded:
+        return folder, "this copy's tests, unchanged since it was made"
+    changed = sorted(k for k in set(recorded or {}) | set(test_hashes(folder)) if (recorded or {}).get(k) != test_hashes(folder).get(k))
+    raise SystemExit(f"error: this copy's tests were changed ({', '.join(changed[:3]) or 'no record of them'}) and the "
+                     f"originals are not here: grade it with the instructor's project: "
+                     f"python /path/to/project/scripts/assignment.py --grade {folder}")
 
 
 def grade(folder):
-    """Run the assigned functions' tests in `folder`; print passed/total per function; True if all pass."""
+    """Run the assigned functions' tests, the instructor's, against the student's modules, in a clean
+    folder holding only those (the copy's own tests, conftest.py or pytest.ini never run); print
+    passed/total per function; True if all pass."""
     folder = Path(folder).resolve()
-    if not (folder / "ASSIGNMENT.json").is_file():
-        raise SystemExit(f"error: {folder} holds no ASSIGNMENT.json (run --grade inside a student copy)")
-    names = json.loads((folder / "ASSIGNMENT.json").read_text())
+    record = read_assignment(folder)
+    names = record["functions"]
+    project, said = original_tests(folder, record)
     tests = sorted({t for n in names for t in FUNCTIONS[n][2]})
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider",
-                        *[f"tests/{t}" for t in tests]], cwd=folder, capture_output=True, text=True)
+    with tempfile.TemporaryDirectory(prefix="grading-") as tmp:
+        tmp = Path(tmp)
+        (tmp / "tests").mkdir()
+        for f in {t.split("::")[0] for t in tests} | {"conftest.py"}:
+            shutil.copyfile(project / "tests" / f, tmp / "tests" / f)
+        shutil.copyfile(project / "pytest.ini", tmp / "pytest.ini")
+        for module in ("ilsgan", "unet_eval", "mine"):  # the student's code
+            shutil.copyfile(folder / f"{module}.py", tmp / f"{module}.py")
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", "-c", str(tmp / "pytest.ini"),
+                            "--rootdir", str(tmp), *[f"tests/{t}" for t in tests]], cwd=tmp, capture_output=True, text=True,
+                           env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     passed = set(re.findall(r"^PASSED tests/(\S+)", r.stdout, re.M))
+    print(f"graded with {said}, against the student's {', '.join(sorted({FUNCTIONS[n][1] + '.py' for n in names}))}")
     total = 0
     for name, eq in names.items():
         ok = [t for t in FUNCTIONS[name][2] if t in passed]

@@ -361,10 +361,27 @@ def main(argv=None):
         urls = [v for k, v in OFFICIAL.items() if (k in ("cub", "segmentations", "split")) == (a.dataset == "cub")
                 and not (a.dataset == "cars")]
         print("--download fetches from: " + (", ".join(urls) if urls else "nowhere: Stanford Cars has no official download any more"))
-    try:
+    def body():
+        check_out(a)
         (prepare_cub if a.dataset == "cub" else prepare_detected)(a)
-    except (ilsgan.InputError, OSError) as e:
-        sys.exit(f"error: {e}")
+    argv = sys.argv[1:] if argv is None else list(map(str, argv))
+    ilsgan.error_boundary(body, lambda: f"python scripts/prepare_data.py {' '.join(argv)} (it resumes where it stopped)")
+
+
+def check_out(a):
+    """--out: a folder (not a file, not empty), and never inside one of the inputs, nor one inside it:
+    the script would copy its own output into its input."""
+    if not a.out.strip():
+        raise ilsgan.InputError("--out is empty: give the dataset root to write")
+    out = Path(a.out).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise ilsgan.InputError(f"--out {a.out} is a file; give a folder")
+    inputs = [a.cub, a.segmentations, a.split, *(a.images or []), a.devkit, a.annotations, a.lists, a.weights]
+    for given in filter(None, inputs):
+        src = Path(given).expanduser().resolve()
+        if out == src or out.is_relative_to(src) or src.is_relative_to(out) and src.is_dir():
+            raise ilsgan.InputError(f"--out {a.out} and the input {given} lie one inside the other: the output goes "
+                                    "to a folder of its own")
 
 
 if __name__ == "__main__":

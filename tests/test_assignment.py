@@ -115,7 +115,7 @@ def test_student_copy_grades_zero_blanked_and_full_marks_restored(tmp_path):
     script = [sys.executable, str(ROOT / "scripts" / "assignment.py")]
     r = subprocess.run([*script, "club", "mask_area_loss", "--out", str(out)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert json.loads((out / "ASSIGNMENT.json").read_text()).keys() == {"club", "mask_area_loss"}
+    assert json.loads((out / "ASSIGNMENT.json").read_text())["functions"].keys() == {"club", "mask_area_loss"}
     assert (ROOT / "ilsgan.py").read_text() != (out / "ilsgan.py").read_text()
     r = subprocess.run([*script, "--grade", str(out)], capture_output=True, text=True)
     assert r.returncode == 1 and "score: 0/2 functions" in r.stdout, r.stdout + r.stderr
@@ -130,3 +130,35 @@ def test_the_project_is_never_the_student_copy(tmp_path):
         assignment.make_copy(["club"], ROOT / "hw")
     with pytest.raises(SystemExit, match="not gradable"):
         assignment.make_copy(["train"], tmp_path / "hw")
+
+
+@pytest.mark.slow
+def test_the_grader_tests_the_student_not_the_students_tests(tmp_path):
+    """A student who rewrites the tests, or adds a conftest.py that passes everything, still scores 0
+    with the function blank: the grader runs the instructor's tests against the student's modules."""
+    out = tmp_path / "hw"
+    script = [sys.executable, str(ROOT / "scripts" / "assignment.py")]
+    assert subprocess.run([*script, "club", "--out", str(out)], capture_output=True, text=True).returncode == 0
+    tests = out / "tests" / "test_equations.py"
+    tests.write_text(tests.read_text().replace("def test_club_is_zero", "def _hidden_club_is_zero")
+                     .replace("def test_club_known_answer", "def _hidden_club_known")
+                     + "\ndef test_club_is_zero_for_independent_and_large_for_copied_layers():\n    pass\n"
+                       "def test_club_known_answer_laplace_and_gaussian():\n    pass\n")
+    (out / "conftest.py").write_text("import pytest\n@pytest.hookimpl(tryfirst=True)\ndef pytest_runtest_call(item):\n"
+                                     "    return True\n")
+    r = subprocess.run([*script, "--grade", str(out)], capture_output=True, text=True)
+    assert r.returncode == 1 and "score: 0/1 functions" in r.stdout and "the instructor's tests" in r.stdout, r.stdout + r.stderr
+    r = subprocess.run([sys.executable, str(out / "scripts" / "assignment.py"), "--grade"], cwd=out, capture_output=True, text=True)
+    assert r.returncode == 1 and "score: 0/1 functions" in r.stdout and f"from {ROOT}" in r.stdout, r.stdout + r.stderr
+    record = json.loads((out / "ASSIGNMENT.json").read_text())
+    record["source"] = str(tmp_path / "gone")  # the instructor's project is not reachable from the copy
+    (out / "ASSIGNMENT.json").write_text(json.dumps(record))
+    r = subprocess.run([sys.executable, str(out / "scripts" / "assignment.py"), "--grade"], cwd=out, capture_output=True, text=True)
+    assert r.returncode != 0 and "this copy's tests were changed (tests/test_equations.py)" in r.stderr, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"functions": {"train": "Eq. (5)"}}'])
+def test_a_garbage_assignment_record_is_an_error(tmp_path, text):
+    (tmp_path / "ASSIGNMENT.json").write_text(text)
+    with pytest.raises(SystemExit, match="is not an assignment record"):
+        assignment.grade(tmp_path)
