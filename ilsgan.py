@@ -14,19 +14,20 @@ Trained on unlabelled photos only, the mask m becomes a segmenter (unet_eval.py 
 Three commands:
     python ilsgan.py                                  # embedded synthetic benchmark, `cpu` preset, then IoU
     python ilsgan.py --preset tiny --kimg 1 --out runs/t    # seconds: smoke test
-    python ilsgan.py --preset paper64 --device cuda  # the official 64 px settings on one GPU
+    python ilsgan.py --dataset cars --data-root R     # a real dataset on a GPU: the paper's 64 px settings
 
 Contents. The lesson, in the paper's order:
-    1. Config and presets               6. ADA-lite (differentiable augmentation)
-    2. Building blocks (equalised lr)   7. Losses: Eq. (2), (4), (8)-(13), R1
-    3. Generator, Eq. (1)               8. Data: what the training loop reads
-    4. Perturbed composition, Eq. (3)   9. Training loop, Eq. (5)
-    5. Discriminator                   10. Sampling and the run folder
+    1. Config and presets               7. The paper's losses: Eq. (2), (4), R1, (8)-(13)
+    2. Building blocks (equalised lr)   8. Ours: guards and the collapse watch
+    3. Generator, Eq. (1)               9. One training step, Eq. (5)
+    4. Perturbed composition, Eq. (3)  10. The training loop
+    5. Discriminator                   11. Sampling
+    6. ADA-lite (differentiable augmentation)
 The lesson ends here. Appendix, plumbing you may skip:
-    A. The synthetic benchmark's renderer   C. FID
-    B. Real datasets on disk                D. Several processes (torchrun)
-    E. Guards: input checks, one run per folder
-and main(), the command line.
+    A. The synthetic benchmark's renderer    E. Device, precision, the optimiser step
+    B. Datasets on disk, decoded once        F. Several processes (torchrun)
+    C. FID                                   G. Guards: input checks, one run per folder, interrupts
+    D. A run: folder, logs, checkpoints      H. Flags and the command line, main()
 
 Left out on purpose (and why):
     - custom CUDA ops (bias_act, upfirdn2d, grid_sample_gradfix): plain PyTorch ops do the same
@@ -34,24 +35,12 @@ Left out on purpose (and why):
     - style mixing, path-length regularisation, truncation: the official ILSGAN configs disable them.
     - separate ws per layer: without style mixing all layers get the same w, so we pass one w.
     - the learned-q (neural Laplace/Gaussian, PixelCNN++) ablations of the official code.
+Where this file differs from the official code (qrzou/ILSGAN), file by file: README.md, "Differences
+from the official code". Tags in the code: `official:` (in the official code, not in the paper) and
+`ours:` (our own choice, with its reason).
 
-Differences from the official code (qrzou/ILSGAN, a stylegan2-ada-pytorch fork):
-    - networks.py: G upsamples as StyleGAN2 (stride-2 transposed conv, then the [1,3,3,1] filter) with
-      conv_clamp 256; D downsamples with a 2x2 box filter instead of the [1,3,3,1] filter. Mixed
-      precision is autocast (--amp bf16 | fp16) over the whole network, the official fp16 is on the
-      top-4 resolutions only; the mapping, the styles and D's 4x4 epilogue stay in fp32 (full_precision).
-    - augment.py: all geometric ops of the 'bgc' pipe are folded into one affine grid_sample with
-      reflection padding (stock: integer blits + 2x upsampled FIR resampling). Same ops, same p.
-    - training_loop_ILS.py: the ILS warm-up (0.2 until 400 of 8000 kimg) is expressed as a fraction
-      of the run (5%) so that short presets leave it too; identical for 8000 kimg.
-    - dataset.py: images are decoded once into one uint8 tensor in memory; cars/dogs load as RGB
-      (--bgr reproduces the official cv2 order); a bad file is an error, never a silent item 0.
-    - our own additions, all switches and marked `# ours:`: for the small CPU preset an upper
-      mask-area hinge, a border prior and two mask-spread hinges (weighted by lambda_guard), plus a
-      collapse watch that names known failures in the log.
-
-Size: about 1,200 lines of code (comments and docstrings not counted), about 750 of them the lesson;
-the appendix holds the renderer, the dataset layouts, FID, torchrun and the input guards.
+Size: the lesson (sections 1-11) is 529 lines of code, comments and docstrings not counted; the
+whole file 1482.
 """
 import argparse
 import contextlib
@@ -76,6 +65,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+
 # ----------------------------------------------------------------------------------------------
 # 1. Config and presets
 # ----------------------------------------------------------------------------------------------
@@ -89,7 +79,7 @@ class Config:
     resolution: int = 32  # training resolution (square), a power of two
     n_train: int = 10000  # synthetic benchmark: number of training images
     bgr: bool = False  # official: cars/dogs are read by cv2 as BGR and never swapped; set to reproduce
-    skip_unmasked: bool = False  # folder datasets: test images without a mask are skipped and counted (default: an error naming them)
+    skip_unmasked: bool = False  # folder datasets: skip (and count) test images without a mask; default: an error
     # --- model
     z_dim: int = 512  # latent z, shared by both layers (official)
     w_dim: int = 512  # intermediate latent w of each mapping network
@@ -126,8 +116,9 @@ class Config:
     ils_opt_vis: bool = True  # Table 3 row C when False: stop-gradient on f_vis, b_vis
     ils_opt_mask: bool = True  # Table 3 row D when False: stop-gradient on m
     ils_dist: str = "laplace"  # laplace | gaussian (Table 3 row F)
-    # --- ours: the collapse watch's divergence bounds (0 = off)
-    diverge_flag: float = 5.0  # flag 'diverging' when loss_adv or loss_D passes this multiple of its first logged value (at least 1); 29 default runs stayed below 2.2
+    # --- ours: the collapse watch's divergence bounds (0 = off); the 29 default-job runs of the
+    # ablation (docs/ablation) stayed below 2.2 times their first values
+    diverge_flag: float = 5.0  # flag 'diverging' past this multiple of the first logged loss_adv, loss_D (at least 1)
     diverge_stop: float = 50.0  # stop training, as on a NaN, past this multiple
     # --- ours: guards against known failures of small runs (0 = off, the paper's setting)
     lambda_guard: float = 2.0  # weight of the three mask hinges below
@@ -143,9 +134,10 @@ class Config:
     log_kimg: float = 1.0  # log to stats.jsonl and the bar every this many kimg
     snap_kimg: float = 10.0  # image grid + checkpoint every this many kimg
     channels_last: bool = True  # memory format: faster convolutions on CPU and GPU
-    amp: str = "auto"  # mixed precision of the networks' convolutions: auto (bf16 on a GPU that has it, else off) | off | bf16 | fp16
+    amp: str = "auto"  # precision of the networks' convolutions: auto (see amp_choice) | off | bf16 | fp16
     tf32: bool = False  # allow TF32 matmuls and convolutions on Ampere+ GPUs (official: off)
-    compile: bool = False  # torch.compile the generator's training passes: fewer, fused kernels after a minute of compiling (needs a C++ compiler on a CPU); D stays eager, as R1 differentiates it twice
+    # D is never compiled: R1 differentiates it twice, which compiled code cannot
+    compile: bool = False  # torch.compile G's training passes: fewer kernels, after a minute of compiling
     fid_n: int = 0  # FID of this many samples at every snapshot; keeps the lowest-FID one as best.pt (0 = off)
     evaluate: bool = True  # after training: U-Net distillation and IoU (unet_eval.py), MINE (mine.py)
     eval_preset: str = "auto"  # preset of unet_eval.py and mine.py: cpu | official | auto (cpu on a CPU)
@@ -167,43 +159,9 @@ PRESETS = {
 }
 
 
-# One mechanism for the configs of all three scripts (Config here, EvalConfig in unet_eval.py,
-# MineConfig in mine.py): a dataclass with a comment per field, named presets as dicts of
-# overrides, every field a --flag, flags left unset keeping the preset's value.
-
 def make_config(preset="cpu", *, cls=Config, presets=PRESETS, **overrides):
     """cls defaults <- presets[preset] <- overrides; None means 'not given'."""
     return with_overrides(cls(**presets[preset]), **overrides)
-
-
-def with_overrides(cfg, **overrides):
-    """A copy of cfg with the given fields replaced (None = not given); an unknown name is an error."""
-    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cfg)})
-    if unknown:
-        raise InputError(f"unknown config field(s): {', '.join(unknown)}")
-    return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
-
-
-def preset_name(cfg, presets):
-    """The preset whose every setting cfg has, or 'custom' (for the protocol lines of results.json)."""
-    return next((k for k, v in presets.items() if all(getattr(cfg, f) == x for f, x in v.items())), "custom")
-
-
-def config_parser(cls, presets, description):
-    """--preset plus one flag per field of cls, each helped by the field's comment; unset flags are None."""
-    ap = argparse.ArgumentParser(description=description)
-    ap.add_argument("--preset", choices=list(presets), default=None, help="named overrides of the defaults")
-    comments = dict(re.findall(r"^\s+(\w+): \w+ = .*?#\s*(.*)$", inspect.getsource(cls), re.M))
-    for f in dataclasses.fields(cls):
-        flag, text = "--" + f.name.replace("_", "-"), comments.get(f.name, "").replace("%", "%%")
-        kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type)
-        ap.add_argument(flag, default=None, help=f"{text} [{f.default}]", **kind)
-    return ap
-
-
-def given(args, cls):
-    """The fields of cls given on the command line, as overrides."""
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name) is not None}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -289,8 +247,8 @@ def modulated_conv2d(x, weight, styles, demodulate=True, fused=True, up_filter=N
     B, I, H, W = x.shape
     O, _, k, _ = weight.shape
     up = up_filter is not None
-    # demodulation d_bo = 1 / sqrt(sum_ik (w_oik s_bi)^2 + eps) = 1 / sqrt(sum_i s_bi^2 sum_k w_oik^2 + eps):
-    # one [B,I] x [I,O] product instead of building the [B,O,I,k,k] weights (the cpu preset: 14% faster)
+    # demodulation: d_bo = 1 / sqrt(sum_{i,k} (s_bi w_oik)^2 + eps) = 1 / sqrt(sum_i s_bi^2 sum_k w_oik^2 + eps),
+    # the second form one [B,I] x [I,O] product, without building the [B,O,I,k,k] weights
     with full_precision(x):
         d = torch.rsqrt(styles.square() @ weight.square().sum(dim=[2, 3]).T + 1e-8) if demodulate else None  # [B,O]
     if fused:
@@ -449,7 +407,8 @@ def shift_image(x, dx, dy):
 
 def perturbed_composite(f, b, m, dx, dy):
     """Eq. (3): shift f and m together (b untouched), then compose. Returns x', f', m'."""
-    f_s, m_s = shift_image(f, dx, dy), shift_image(m, dx, dy)
+    f_s, m_s = shift_image(f, dx, dy), shift_image(m, dx, dy)  # T(f) [B,3,H,W], T(m) [B,1,H,W]
+    # Eq. (3): x' = T(m) * T(f) + (1 - T(m)) * b
     return composite(f_s, b, m_s), f_s, m_s
 
 
@@ -519,55 +478,28 @@ def _augment_geometric(x, p, fire, gauss):
     B, _, H, W = x.shape
     dev = x.device
     one = torch.ones(B, device=dev)
-    flip = torch.where(fire() & (torch.rand(B, device=dev) < 0.5), -one, one)  # x-flip
-    quarter = torch.randint(0, 4, (B,), device=dev) * fire()  # rotate by k * 90 degrees
+    x_flip = torch.where(fire() & (torch.rand(B, device=dev) < 0.5), -one, one)  # [B] -1 or 1
+    quarter = torch.randint(0, 4, (B,), device=dev) * fire()  # [B] rotate by k * 90 degrees
     t_int = (torch.rand(2, B, device=dev) - 0.5) * fire()  # [2,B] integer translation, up to 1/8 of the size
-    iso = gauss(0.2) * fire()  # isotropic scale 2^iso
+    iso = gauss(0.2) * fire()  # [B] isotropic scale 2^iso
     p_rot = 1 - (1 - p) ** 0.5  # each of the two rotations 1 - sqrt(1 - p): one or both fire with p
-    pre = (torch.rand(B, device=dev) - 0.5) * fire(p_rot)  # pre-rotation, in turns
-    aniso = gauss(0.2) * fire()  # anisotropic scale 2^aniso, 2^-aniso
-    post = (torch.rand(B, device=dev) - 0.5) * fire(p_rot)  # post-rotation, in turns
+    pre = (torch.rand(B, device=dev) - 0.5) * fire(p_rot)  # [B] pre-rotation, in turns
+    aniso = gauss(0.2) * fire()  # [B] anisotropic scale 2^aniso, 2^-aniso
+    post = (torch.rand(B, device=dev) - 0.5) * fire(p_rot)  # [B] post-rotation, in turns
     t_frac = torch.stack([gauss(0.25) * fire(), gauss(0.25) * fire()])  # [2,B] fractional translation
     turns = torch.stack([quarter * 0.25, pre, post]) * (2 * math.pi)  # [3,B] angles
-    c, s = turns.cos(), turns.sin()
-    R = torch.stack([c, -s, s, c], dim=-1).view(3, B, 2, 2)  # rot90, pre, post
+    cos, sin = turns.cos(), turns.sin()  # [3,B]
+    R = torch.stack([cos, -sin, sin, cos], dim=-1).view(3, B, 2, 2)  # [3,B,2,2] rot90, pre, post
     scale = torch.exp2(torch.stack([iso, iso, aniso, -aniso], dim=-1)).view(B, 2, 2)  # [B, (iso, aniso), (x, y)]
-    L = R[0] * torch.stack([flip, one], -1).view(B, 2, 1)  # [B,2,2] flip rot90: flip scales the x row
+    # p_in = L p_out + t,  L = F_flip R_90 S_iso R_pre S_aniso R_post,  t = F_flip R_90 t_int + L t_frac
+    L = R[0] * torch.stack([x_flip, one], -1).view(B, 2, 1)  # [B,2,2] flip rot90: the flip scales the x row
     t = L @ (torch.round(t_int * (W / 4)) * (2 / W)).T[..., None]  # [B,2,1] whole pixels, in normalised units
-    L = L * scale[:, :1] @ R[1] * scale[:, 1:] @ R[2]  # [B,2,2] ... iso R(pre) aniso R(post); v * M scales M's columns
+    L = L * scale[:, :1] @ R[1] * scale[:, 1:] @ R[2]  # [B,2,2] (M * v scales M's columns: M diag(v))
     t = t + L @ t_frac.T[..., None]  # [B,2,1]
     # stock's matrix maps output to input in pixel units; with square images (always, here) the
     # normalised units are the same
     grid = F.affine_grid(torch.cat([L, t], 2), [B, 3, H, W], align_corners=False)
     return GridSample.apply(x, grid)
-
-
-class GridSample(torch.autograd.Function):
-    """official (grid_sample_gradfix): bilinear grid_sample with reflection padding whose backward can
-    be differentiated again, as R1 through ADA needs; PyTorch 2.1 to 2.9 lack that derivative ("derivative
-    for aten::grid_sampler_2d_backward is not implemented"; 2.14 has it). The grid gets no gradient."""
-
-    @staticmethod
-    def forward(ctx, x, grid):
-        ctx.save_for_backward(x, grid)
-        return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return GridSampleBackward.apply(grad, *ctx.saved_tensors), None
-
-
-class GridSampleBackward(torch.autograd.Function):
-    """grad -> A^T grad, for the linear sampling x -> A x; its own backward is A, grid_sample again."""
-
-    @staticmethod
-    def forward(ctx, grad, x, grid):
-        ctx.save_for_backward(grid)  # modes: 0 = bilinear, 2 = reflection padding; no grid gradient
-        return torch.ops.aten.grid_sampler_2d_backward(grad, x, grid, 0, 2, False, [True, False])[0]
-
-    @staticmethod
-    def backward(ctx, grad2):
-        return GridSample.apply(grad2, ctx.saved_tensors[0]), None, None
 
 
 def augment(x, p, geometric=True):
@@ -585,8 +517,8 @@ def augment(x, p, geometric=True):
     B, _, H, W = x.shape
     dev, x_in, fired = x.device, x, []
 
-    def fire(q=p):  # [B] bool: does this op fire for each sample
-        fired.append(torch.rand(B, device=dev) < q)
+    def fire(prob=p):  # [B] bool: does this op fire for each sample
+        fired.append(torch.rand(B, device=dev) < prob)
         return fired[-1]
 
     def gauss(std):
@@ -598,20 +530,20 @@ def augment(x, p, geometric=True):
     # v = (1,1,1)/sqrt(3): it scales the grey part v v^T x and scales or rotates the colour part
     # (I - v v^T) x around v. So their product is one such map, which needs no 4x4 matrices:
     #   x -> luma * grey + shift + contrast * sat * (cos(hue) (x - grey) + sin(hue) v × x),  grey = v v^T x
-    bright = gauss(0.2) * fire()  # brightness: x + bright
-    contrast = torch.exp2(gauss(0.5) * fire())  # contrast: x * contrast
-    flip = torch.randint(0, 2, (B,), device=dev) * fire()  # luma flip: x - 2 v v^T x
-    hue = (torch.rand(B, device=dev) - 0.5) * fire()  # hue: rotation around v, in turns
-    sat = torch.exp2(gauss(1.0) * fire())  # saturation: v v^T x + sat (I - v v^T) x
-    luma = contrast * (1 - 2 * flip)  # [B] what the five ops do to the grey part
-    shift = bright * luma  # brightness moves along v, so contrast and flip act on it, hue and sat do not
-    turn = hue * (2 * math.pi)
+    bright = gauss(0.2) * fire()  # [B] brightness: x + bright
+    contrast = torch.exp2(gauss(0.5) * fire())  # [B] contrast: x * contrast
+    luma_flip = torch.randint(0, 2, (B,), device=dev) * fire()  # [B] luma flip: x - 2 v v^T x
+    hue = (torch.rand(B, device=dev) - 0.5) * fire()  # [B] hue: rotation around v, in turns
+    sat = torch.exp2(gauss(1.0) * fire())  # [B] saturation: v v^T x + sat (I - v v^T) x
+    luma = contrast * (1 - 2 * luma_flip)  # [B] what the five ops do to the grey part
+    shift = bright * luma  # [B] brightness moves along v: contrast and the flip act on it, hue and sat not
+    turn = hue * (2 * math.pi)  # [B]
     k_grey, k_cos, k_sin = (torch.stack([luma, contrast * sat * turn.cos(), contrast * sat * turn.sin() / math.sqrt(3)])
                             .view(3, B, 1, 1, 1))  # [B,1,1,1] each
     grey = x.mean(1, keepdim=True)  # [B,1,H,W]  v v^T x: each channel's value is the mean of RGB
     cross = x.roll(1, 1) - x.roll(-1, 1)  # [B,3,H,W]  sqrt(3) v × x = (b - g, r - b, g - r)
-    out = grey * k_grey + shift.view(B, 1, 1, 1) + k_cos * (x - grey) + k_sin * cross
-    return torch.where(torch.stack(fired).any(0).view(B, 1, 1, 1), out, x_in)
+    out = grey * k_grey + shift.view(B, 1, 1, 1) + k_cos * (x - grey) + k_sin * cross  # [B,3,H,W]
+    return torch.where(torch.stack(fired).any(0).view(B, 1, 1, 1), out, x_in)  # [B,3,H,W]
 
 
 def ada_adjust(p, sign_mean, target, batch, interval, ada_kimg):
@@ -622,7 +554,7 @@ def ada_adjust(p, sign_mean, target, batch, interval, ada_kimg):
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. Losses, each a small pure function
+# 7. The paper's losses: Eq. (2), (4), R1, (8)-(13), each a small pure function
 # ----------------------------------------------------------------------------------------------
 
 
@@ -642,19 +574,89 @@ def r1_penalty(d_real, x_real):
     return grad.square().sum(dim=[1, 2, 3]).mean()
 
 
+def r1_gamma(cfg):
+    """official: gamma = 0.0002 * res^2 / batch unless set explicitly."""
+    return cfg.r1_gamma if cfg.r1_gamma >= 0 else 0.0002 * cfg.resolution**2 / cfg.batch
+
+
 def mask_area_loss(m, eta):
     """Eq. (4), L_m: max(0, eta - |m|_1 / HW), averaged over the batch. m [B,1,H,W] -> []."""
     return F.relu(eta - m.mean(dim=[1, 2, 3])).mean()
 
 
-def mask_area_upper_loss(m, mask_max):
-    """ours: max(0, |m|_1 / HW - mask_max); keeps small runs from drifting to an all-ones mask."""
-    return F.relu(m.mean(dim=[1, 2, 3]) - mask_max).mean()
-
-
 def binarization_loss(m):
     """Eq. (4), L_b: mean over pixels of min(m_u, 1 - m_u). m [B,1,H,W] -> []."""
     return torch.minimum(m, 1 - m).mean()
+
+
+def club(x, y, perm, q="laplace"):
+    """Eq. (9): CLUB estimate of I(x; y) with q(x|y) = Laplace(y, I) (or q = "gaussian").
+
+    (1/N) sum_i [ -d(x_i, y_i) + d(x_perm(i), y_i) ]; d = per-element mean |.| (official 'do_mean')
+    or 0.5 * mean squared error for the Gaussian. x, y [B,...], perm [B] -> [].
+    """
+    d = (lambda u, v: (u - v).abs()) if q == "laplace" else (lambda u, v: 0.5 * (u - v).square())
+    # Eq. (8): log q(x|y) = -|x - y|_1 + const, so Eq. (7)'s two expectations become distances:
+    pos = d(x, y).flatten(1).mean(1)  # [B]  -log q(x_i | y_i) + const, pairs of p(x, y)
+    neg = d(x[perm], y).flatten(1).mean(1)  # [B]  -log q(x_k | y_i) + const, x_k = x_perm(i) from p(x)
+    # Eq. (9): I_VC = (1/N) sum_i [ -|x_i - y_i| + |x_k_i - y_i| ]
+    return (neg - pos).mean()  # []
+
+
+def gate_gradients(t):
+    """official: values unchanged, gradients blocked where the pixel is outside (-1, 1)."""
+    valid = (t > -1) & (t < 1)
+    return torch.where(valid, t, t.detach())
+
+
+def ils_mi_loss(f, b, m, separate=True, opt_vis=True, opt_mask=True, q="laplace"):
+    """Eq. (10)-(12): L_ILS^MI = I_VC(b_inv; f_vis) + I_VC(f_inv; b_vis), on unshifted layers.
+
+    f, b [B,3,H,W], m [B,1,H,W] -> []. Ablations (Table 3): separate=False -> I_VC(b; f) (row E);
+    opt_vis=False -> stop-gradient on f_vis, b_vis (row C); opt_mask=False -> on m (row D);
+    q="gaussian" -> a Gaussian q (row F).
+    official: the shuffled variable is the invisible region in both pairs (the paper's Eq. (12)
+    shuffles b in both), each pair gets its own random permutation (self-matches allowed).
+    """
+    f, b = gate_gradients(f), gate_gradients(b)  # [B,3,H,W] each
+    B = f.shape[0]
+    if not separate:  # Table 3 row E: I_VC(b; f) on the whole layers
+        return club(b, f, torch.randperm(B, device=f.device), q)  # []
+    m = m if opt_mask else m.detach()  # [B,1,H,W]
+    # Eq. (10): f_vis = f m, f_inv = f (1 - m), b_vis = b (1 - m), b_inv = b m
+    f_vis, f_inv = f * m, f * (1 - m)  # [B,3,H,W] each
+    b_vis, b_inv = b * (1 - m), b * m  # [B,3,H,W] each
+    if not opt_vis:
+        f_vis, b_vis = f_vis.detach(), b_vis.detach()
+    perm1, perm2 = torch.randperm(B, device=f.device), torch.randperm(B, device=f.device)  # [B] each: the k_i
+    # Eq. (11), (12): L_ILS^MI = I_VC(b_inv; f_vis) + I_VC(b_vis; f_inv), each pair shuffled in its hidden part
+    return club(b_inv, f_vis, perm1, q) + club(f_inv, b_vis, perm2, q)  # []
+
+
+def ils_l1_loss(f, b, m):
+    """Eq. (13): L_ILS^L1 = -|b_inv - f_vis|_1 - |b_vis - f_inv|_1, per-element means.
+
+    official ('l1_distance'): the visible layer and the mask are detached, so each layer's
+    invisible part is pushed away from the other layer's visible part. f, b [B,3,H,W] -> [].
+    """
+    f, b, m_ = gate_gradients(f), gate_gradients(b), m.detach()
+    return -((b - f.detach()).abs() * m_).mean() - ((f - b.detach()).abs() * (1 - m_)).mean()
+
+
+def ils_weight(kimg, cfg):
+    """official: lambda_ils = 0.2 during the warm-up (first 5% of the run), then cfg.lambda_ils."""
+    return cfg.ils_warmup_weight if kimg <= cfg.ils_warmup * cfg.kimg else cfg.lambda_ils
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. Ours: guards against the known failures of small runs, and the collapse watch
+# Not in the paper or the official code; each is a switch, off (0) in the paper presets.
+# ----------------------------------------------------------------------------------------------
+
+
+def mask_area_upper_loss(m, mask_max):
+    """ours: max(0, |m|_1 / HW - mask_max); keeps small runs from drifting to an all-ones mask."""
+    return F.relu(m.mean(dim=[1, 2, 3]) - mask_max).mean()
 
 
 def mask_spread(m):
@@ -696,146 +698,40 @@ def guard_loss(m, m_s, cfg):
     return loss
 
 
-def club(x, y, perm, q="laplace"):
-    """Eq. (9): CLUB estimate of I(x; y) with q(x|y) = Laplace(y, I) (or q = "gaussian").
-
-    (1/N) sum_i [ -d(x_i, y_i) + d(x_perm(i), y_i) ]; d = per-element mean |.| (official 'do_mean')
-    or 0.5 * mean squared error for the Gaussian. x, y [B,...], perm [B] -> [].
-    """
-    d = (lambda u, v: (u - v).abs()) if q == "laplace" else (lambda u, v: 0.5 * (u - v).square())
-    pos = d(x, y).flatten(1).mean(1)  # -log q(x_i|y_i) + const
-    neg = d(x[perm], y).flatten(1).mean(1)  # -log q(x_k|y_i) + const, x_k from p(x)
-    return (neg - pos).mean()
-
-
-def gate_gradients(t):
-    """official: values unchanged, gradients blocked where the pixel is outside (-1, 1)."""
-    valid = (t > -1) & (t < 1)
-    return torch.where(valid, t, t.detach())
+def watch_stats(m, x_fake, x_real):
+    """ours: the generator's own statistics that reveal known failures (no ground truth needed)."""
+    edge = m.shape[-1] // 4  # the centre is the middle half of each side
+    return dict(mask_area=m.mean(),
+                mask_binary=torch.minimum(m, 1 - m).mean(),  # 0 = perfectly binary
+                mask_border=border_loss(m),  # the border prior's band
+                mask_centre=m[..., edge:-edge, edge:-edge].mean(),
+                mask_spread=mask_spread(m),  # 0 = the same mask for every z
+                diversity=x_fake.std(0).mean() / x_real.std(0).mean().clamp(min=1e-8))
 
 
-def ils_mi_loss(f, b, m, separate=True, opt_vis=True, opt_mask=True, q="laplace"):
-    """Eq. (10)-(12): L_ILS^MI = I_VC(b_inv; f_vis) + I_VC(f_inv; b_vis), on unshifted layers.
-
-    f, b [B,3,H,W], m [B,1,H,W] -> []. Ablations (Table 3): separate=False -> I_VC(b; f) (row E);
-    opt_vis=False -> stop-gradient on f_vis, b_vis (row C); opt_mask=False -> on m (row D);
-    q="gaussian" -> a Gaussian q (row F).
-    official: the shuffled variable is the invisible region in both pairs (the paper's Eq. (12)
-    shuffles b in both), each pair gets its own random permutation (self-matches allowed).
-    """
-    f, b = gate_gradients(f), gate_gradients(b)
-    B = f.shape[0]
-    if not separate:
-        return club(b, f, torch.randperm(B, device=f.device), q)
-    m = m if opt_mask else m.detach()
-    f_vis, f_inv = f * m, f * (1 - m)  # Eq. (10)
-    b_vis, b_inv = b * (1 - m), b * m
-    if not opt_vis:
-        f_vis, b_vis = f_vis.detach(), b_vis.detach()
-    perm1, perm2 = torch.randperm(B, device=f.device), torch.randperm(B, device=f.device)
-    return club(b_inv, f_vis, perm1, q) + club(f_inv, b_vis, perm2, q)  # Eq. (11)
-
-
-def ils_l1_loss(f, b, m):
-    """Eq. (13): L_ILS^L1 = -|b_inv - f_vis|_1 - |b_vis - f_inv|_1, per-element means.
-
-    official ('l1_distance'): the visible layer and the mask are detached, so each layer's
-    invisible part is pushed away from the other layer's visible part. f, b [B,3,H,W] -> [].
-    """
-    f, b, m_ = gate_gradients(f), gate_gradients(b), m.detach()
-    return -((b - f.detach()).abs() * m_).mean() - ((f - b.detach()).abs() * (1 - m_)).mean()
-
-
-def ils_weight(kimg, cfg):
-    """official: lambda_ils = 0.2 during the warm-up (first 5% of the run), then cfg.lambda_ils."""
-    return cfg.ils_warmup_weight if kimg <= cfg.ils_warmup * cfg.kimg else cfg.lambda_ils
-
-# ----------------------------------------------------------------------------------------------
-# 8. Data: what the training loop reads
-#    Every dataset becomes one uint8 tensor [N,3,res,res] in memory, decoded once. The default is
-#    an embedded synthetic benchmark with ground-truth masks (appendix A): one sharp, textured
-#    object per image over an out-of-focus background, plus sharp textured distractor patches drawn
-#    independently of the object, so that a generator can mix up the layers (leakage) although the
-#    data holds no dependence between them. Real datasets (DRC cars/dogs, CUB, any folder) are read
-#    from the layouts of the official code (appendix B).
-# ----------------------------------------------------------------------------------------------
-
-SYNTHETIC_TEST_SEED = 1_000_003  # the test split is drawn from its own stream, never from training
-
-
-def load_dataset(name, root, res, split, n_train=10000, bgr=False, skip_unmasked=False):
-    """Images [N,3,res,res] uint8 and masks [N,1,res,res] bool (None where the split has none).
-
-    split: 'train' (for the GAN) or 'test' (real images with ground-truth masks, for evaluation).
-    """
-    if name == "synthetic":
-        return make_synthetic(n_train, res, seed=0) if split == "train" else make_synthetic(1000, res, SYNTHETIC_TEST_SEED)
-    return load_real(name, root, res, split, bgr, skip_unmasked)
-
-
-def to_float(x):
-    """uint8 [0,255] -> float [-1,1] (the generator's range)."""
-    return x.float() / 127.5 - 1
-
-
-def resize_images(x, res):
-    """uint8 or float [N,3,H,W] -> float [-1,1] at res (bilinear, antialiased)."""
-    x = to_float(x) if x.dtype == torch.uint8 else x
-    if x.shape[-1] != res:
-        x = F.interpolate(x, size=(res, res), mode="bilinear", align_corners=False, antialias=True)
-    return x
+def collapse_flags(st, loss_ref=None, diverge=0.0):
+    """ours: name the known failures from watch_stats averages; with loss_ref (each adversarial loss's
+    first logged value) also a loss beyond `diverge` times it."""
+    flags = []
+    if diverge > 0 and loss_ref and any(abs(st[k]) > diverge * v for k, v in loss_ref.items()):
+        flags.append("diverging")
+    if st["mask_area"] > 0.9:
+        flags.append("mask-full")
+    if st["mask_area"] < 0.03:
+        flags.append("mask-empty")
+    if st["diversity"] < 0.3:
+        flags.append("mode-collapse")
+    if 0.03 <= st["mask_area"] and st["mask_spread"] < 0.1:  # synthetic ground truth: ~0.31
+        flags.append("mask-fixed")
+    if st["mask_area"] >= 0.03 and st["mask_border"] > st["mask_centre"] + 0.1:  # mask hugs the border
+        flags.append("swapped")
+    return flags
 
 
 # ----------------------------------------------------------------------------------------------
-# 9. Training loop, Eq. (5)
-#    min_D  -V(G_bar, D) + gamma R1(D)
-#    min_G   V(G, D_bar) + lambda_m L_m + lambda_b L_b + lambda_ils L_ILS
+# 9. One training step, Eq. (5)
+# min_D  -V(G_bar, D) + gamma R1(D)      min_G  V(G, D_bar) + lambda_m L_m + lambda_b L_b + lambda_ils L_ILS
 # ----------------------------------------------------------------------------------------------
-
-
-class TrainingStopped(RuntimeError):
-    """The run stopped itself: its losses left the range a training run can come back from."""
-
-
-class NonFiniteLoss(TrainingStopped):
-    pass
-
-
-class Diverged(TrainingStopped):
-    pass
-
-
-def r1_gamma(cfg):
-    """official: gamma = 0.0002 * res^2 / batch unless set explicitly."""
-    return cfg.r1_gamma if cfg.r1_gamma >= 0 else 0.0002 * cfg.resolution**2 / cfg.batch
-
-
-CHECKPOINT_FORMAT = 2  # 2: StyleGAN2 upsampling, ADA p on the device; earlier checkpoints do not load
-
-
-def mixed_precision(amp, dev):
-    """autocast for the networks' forward passes: 'bf16' or 'fp16', or a no-op for 'off'."""
-    amp = resolve_amp(amp, dev)
-    return torch.autocast(dev.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16, enabled=amp != "off")
-
-
-def resolve_amp(amp, dev):
-    """The precision --amp gives on this device: auto is what amp_choice says."""
-    return amp if amp != "auto" else amp_choice(dev)[0]
-
-
-def amp_choice(dev):
-    """--amp auto on this device, and why: bf16 where the GPU computes it natively (compute capability
-    8.0 or more: A100, H100, RTX 30xx and later), fp16 with the gradient scaler on 7.x (V100, T4: bf16
-    there is emulated and slow; fp16 is what StyleGAN2-ADA trains in), fp32 elsewhere. -> (amp, reason)"""
-    if dev.type != "cuda":
-        return "off", "a CPU, where bf16 is mostly emulated"
-    major, minor = torch.cuda.get_device_capability(dev.index if dev.index is not None else torch.cuda.current_device())
-    if major >= 8:
-        return "bf16", f"compute capability {major}.{minor} computes bf16 natively"
-    if major == 7:
-        return "fp16", f"compute capability {major}.{minor}: fp16 tensor cores, bf16 only emulated"
-    return "off", f"compute capability {major}.{minor}: no fast reduced precision"
 
 
 class State:
@@ -884,58 +780,6 @@ class State:
         self.nimg, self.step, self.loss_ref = sd["nimg"], sd["step"], sd.get("loss_ref")
 
 
-def compiled(module):
-    """torch.compile(module), drawing its random numbers (the noise inputs) as eager PyTorch does, so
-    that a compiled run follows the same random stream."""
-    import torch._inductor.config
-    torch._inductor.config.fallback_random = True
-    return torch.compile(module)
-
-
-def optimizer_step(opt, scaler, loss, params):
-    """Backward, average the gradients over processes, and step (with fp16's loss scaling)."""
-    params = list(params)
-    opt.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    all_mean_grads(params)
-    scaler.unscale_(opt)
-    for p in params:  # official: nan_to_num on gradients before every step
-        if p.grad is not None:
-            torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
-    scaler.step(opt)  # fp16: skipped if a gradient overflowed, and the scale lowered
-    scaler.update()
-
-
-def watch_stats(m, x_fake, x_real):
-    """ours: the generator's own statistics that reveal known failures (no ground truth needed)."""
-    q = m.shape[-1] // 4
-    return dict(mask_area=m.mean(),
-                mask_binary=torch.minimum(m, 1 - m).mean(),  # 0 = perfectly binary
-                mask_border=border_loss(m),  # the border prior's band
-                mask_centre=m[..., q:-q, q:-q].mean(),
-                mask_spread=mask_spread(m),  # 0 = the same mask for every z
-                diversity=x_fake.std(0).mean() / x_real.std(0).mean().clamp(min=1e-8))
-
-
-def collapse_flags(st, loss_ref=None, diverge=0.0):
-    """ours: name the known failures from watch_stats averages; with loss_ref (each adversarial loss's
-    first logged value) also a loss beyond `diverge` times it."""
-    flags = []
-    if diverge > 0 and loss_ref and any(abs(st[k]) > diverge * v for k, v in loss_ref.items()):
-        flags.append("diverging")
-    if st["mask_area"] > 0.9:
-        flags.append("mask-full")
-    if st["mask_area"] < 0.03:
-        flags.append("mask-empty")
-    if st["diversity"] < 0.3:
-        flags.append("mode-collapse")
-    if 0.03 <= st["mask_area"] and st["mask_spread"] < 0.1:  # synthetic ground truth: ~0.31
-        flags.append("mask-fixed")
-    if st["mask_area"] >= 0.03 and st["mask_border"] > st["mask_centre"] + 0.1:  # mask hugs the border
-        flags.append("swapped")
-    return flags
-
-
 def train_step(state, x_real, cfg):
     """One iteration: G step, D step, lazy R1, EMA, ADA. x_real [B,3,H,W] in [-1,1], B = this
     process's share of cfg.batch. -> dict of statistics as 0-d tensors on the device: nothing here
@@ -957,18 +801,19 @@ def train_step(state, x_real, cfg):
     # G step: minimize softplus(-D(A(x'))) + lambda_m L_m(m') + lambda_b L_b(m') + lambda_ils L_ILS(f, b, m)
     G.requires_grad_(True)
     D.requires_grad_(False)
-    f, b, m = generate()
-    x_fake, _, m_s = perturbed_composite(f, b, m, *random_shifts(B, res, cfg.shift, dev))
-    loss_adv = g_adversarial_loss(discriminate(x_fake))
-    loss_m, loss_b = mask_area_loss(m_s, cfg.eta), binarization_loss(m_s)  # official: on shifted m'
+    f, b, m = generate()  # [B,3,H,W], [B,3,H,W], [B,1,H,W]
+    x_fake, _, m_s = perturbed_composite(f, b, m, *random_shifts(B, res, cfg.shift, dev))  # x' [B,3,H,W], m' [B,1,H,W]
+    loss_adv = g_adversarial_loss(discriminate(x_fake))  # []  V(G, D_bar)
+    loss_m, loss_b = mask_area_loss(m_s, cfg.eta), binarization_loss(m_s)  # [] each; official: on the shifted m'
     if cfg.ils == "mi":  # official: ILS on the unshifted layers
-        loss_ils = ils_mi_loss(f, b, m, cfg.ils_separate, cfg.ils_opt_vis, cfg.ils_opt_mask, cfg.ils_dist)
+        loss_ils = ils_mi_loss(f, b, m, cfg.ils_separate, cfg.ils_opt_vis, cfg.ils_opt_mask, cfg.ils_dist)  # []
     elif cfg.ils == "l1":
-        loss_ils = ils_l1_loss(f, b, m)
+        loss_ils = ils_l1_loss(f, b, m)  # []
     else:
         loss_ils = torch.zeros([], device=dev)
-    w_ils = ils_weight(state.nimg / 1000, cfg)
-    loss_G = loss_adv + cfg.lambda_m * loss_m + cfg.lambda_b * loss_b + w_ils * loss_ils  # Eq. (5)
+    w_ils = ils_weight(state.nimg / 1000, cfg)  # lambda_ils, with the official warm-up
+    # Eq. (5), G: V(G, D_bar) + lambda_m L_m + lambda_b L_b + lambda_ils L_ILS
+    loss_G = loss_adv + cfg.lambda_m * loss_m + cfg.lambda_b * loss_b + w_ils * loss_ils  # []
     loss_G = loss_G + guard_loss(m, m_s, cfg)  # ours: 0 in the paper presets
     optimizer_step(state.opt_G, state.scaler_G, loss_G, G.parameters())
     stats = watch_stats(m.detach(), x_fake.detach(), x_real)
@@ -976,19 +821,19 @@ def train_step(state, x_real, cfg):
     # D step: minimize softplus(D(A(x'_fake))) + softplus(-D(A(x_real)))
     G.requires_grad_(False)
     D.requires_grad_(True)
-    with torch.no_grad():
+    with torch.no_grad():  # official: D also sees perturbed fakes, from a fresh z and shift
         f, b, m = generate()
-        x_fake, _, _ = perturbed_composite(f, b, m, *random_shifts(B, res, cfg.shift, dev))
-    d_fake, d_real = discriminate(x_fake), discriminate(x_real)
-    loss_D = d_adversarial_loss(d_real, d_fake)
+        x_fake, _, _ = perturbed_composite(f, b, m, *random_shifts(B, res, cfg.shift, dev))  # [B,3,H,W]
+    d_fake, d_real = discriminate(x_fake), discriminate(x_real)  # [B] each
+    loss_D = d_adversarial_loss(d_real, d_fake)  # []  Eq. (5), D: -V(G_bar, D)
     optimizer_step(state.opt_D, state.scaler_D, loss_D, D.parameters())
-    signs = [d_real.detach().sign()]
+    signs = [d_real.detach().sign()]  # [B]
 
     # D reg step, every r1_interval steps: minimize (gamma / 2) * ||grad_x D(A(x_real))||^2 * interval
     if state.step % cfg.r1_interval == 0:
-        x = x_real.detach().requires_grad_(True)
-        d = D(augment(x, state.ada_p))  # in full precision: R1 is a gradient of D, differentiated again
-        r1 = r1_penalty(d, x)
+        x = x_real.detach().requires_grad_(True)  # [B,3,H,W]
+        d = D(augment(x, state.ada_p))  # [B]; in full precision: R1 is a gradient of D, differentiated again
+        r1 = r1_penalty(d, x)  # []
         # official: `d.mean() * 0` keeps D's output in the graph, so that every D parameter gets a
         # gradient (zero where R1 does not reach, e.g. the last bias): Adam then steps all alike
         optimizer_step(state.opt_D, state.scaler_D, r1 * (r1_gamma(cfg) / 2) * cfg.r1_interval + d.mean() * 0,
@@ -1005,7 +850,7 @@ def train_step(state, x_real, cfg):
     state.nimg, state.step = state.nimg + cfg.batch, state.step + 1
 
     # ADA: p follows r_t = E[sign(D(x_real))] toward the target
-    signs = torch.cat(signs)
+    signs = torch.cat(signs)  # [B] or [2B]
     state.ada_sum, state.ada_n = state.ada_sum + signs.sum(), state.ada_n + signs.numel()
     if cfg.augment and state.step % cfg.ada_interval == 0:
         r_t = all_mean(state.ada_sum.clone()) / state.ada_n  # every process counts the same number
@@ -1018,18 +863,14 @@ def train_step(state, x_real, cfg):
     return stats
 
 
-def train(cfg, ckpt=None, overwrite=False):
-    """Train a run, or continue one from its checkpoint dict; -> the run folder. Run (appendix D)
-    holds the plumbing: the folder and its lock, the device, the data, resuming, logs, checkpoints."""
-    with Run(cfg, ckpt, overwrite) as run:
-        state, data = run.state, run.data
-        while state.nimg < run.total:
-            x_real = to_float(data[torch.randint(len(data), (run.batch,), device=run.device)])  # [B,3,H,W]
-            stats = train_step(state, x_real, run.cfg)  # Eq. (5): one G step, one D step (+ R1), EMA, ADA
-            run.log(stats)  # every log_kimg: the means, read from the device once, checked, written
-            if state.nimg >= run.total or crossed(state.nimg, cfg.batch, cfg.snap_kimg):
-                run.snapshot()  # every snap_kimg: the grid, the checkpoint, FID
-    return run.out
+# ----------------------------------------------------------------------------------------------
+# 10. The training loop
+# ----------------------------------------------------------------------------------------------
+
+
+def to_float(x):
+    """uint8 [0,255] -> float [-1,1] (the generator's range)."""
+    return x.float() / 127.5 - 1
 
 
 def crossed(nimg, batch, every_kimg):
@@ -1038,32 +879,22 @@ def crossed(nimg, batch, every_kimg):
     return nimg // n > (nimg - batch) // n
 
 
-def read_stats(acc):
-    """{name: (sum, count)} -> {name: mean} as Python floats, reading the device once."""
-    names = [k for k, (v, _) in acc.items() if torch.is_tensor(v)]
-    values = torch.stack([acc[k][0].double() for k in names]).tolist() if names else []
-    rec = {k: (values[names.index(k)] if k in names else v) / n for k, (v, n) in acc.items()}
-    return rec
-
-
-def snapshot(state, cfg, out, grid_z, fid_net, real_stats):
-    """The fixed-z grid and the checkpoint; with FID on, its value, keeping the lowest-FID
-    checkpoint as best.pt (official: the run's result). Returns a line to print, or None."""
-    save_grid(state.G_ema, grid_z, out / f"grid-{state.nimg / 1000:09.3f}kimg.png")
-    save_checkpoint(out / "checkpoint.pt", state, cfg)
-    if fid_net is None:
-        return None
-    value, earlier = fid(fid_net, state.G_ema, real_stats, cfg.fid_n), [r["fid"] for r in read_fid_log(out)]
-    with open(out / "fid.jsonl", "a") as fh:
-        fh.write(json.dumps(dict(kimg=state.nimg / 1000, fid=value, n=cfg.fid_n)) + "\n")
-    if value <= min(earlier, default=math.inf):  # the checkpoint just written, copied atomically
-        shutil.copyfile(out / "checkpoint.pt", out / f"best.pt.{os.getpid()}.tmp")
-        os.replace(out / f"best.pt.{os.getpid()}.tmp", out / "best.pt")
-    return f"kimg {state.nimg / 1000:.1f}: FID {value:.2f} (best {min(earlier + [value]):.2f})"
+def train(cfg, ckpt=None, overwrite=False):
+    """Train a run, or continue one from its checkpoint dict; -> the run folder. Run (appendix D)
+    holds the plumbing: the folder and its lock, the device, the data, resuming, logs, checkpoints."""
+    with Run(cfg, ckpt, overwrite) as run:
+        state, data, cfg = run.state, run.data, run.cfg  # cfg as resolved on this device (the precision)
+        while state.nimg < run.total:
+            x_real = to_float(data[torch.randint(len(data), (run.batch,), device=run.device)])  # [B,3,H,W]
+            stats = train_step(state, x_real, cfg)  # Eq. (5): one G step, one D step (+ R1), EMA, ADA
+            run.log(stats)  # every log_kimg: the means, read from the device once, checked, written
+            if state.nimg >= run.total or crossed(state.nimg, cfg.batch, cfg.snap_kimg):
+                run.snapshot()  # every snap_kimg: the grid, the checkpoint, FID
+    return run.out
 
 
 # ----------------------------------------------------------------------------------------------
-# 10. Sampling and the run folder: checkpoints, results.json, the device
+# 11. Sampling
 # ----------------------------------------------------------------------------------------------
 
 
@@ -1084,126 +915,14 @@ def sample(G, n, batch=64, seed=0):
             yield dict(x=composite(f, b, m), f=f, b=b, m=m)
 
 
-@torch.no_grad()
-def save_grid(G, z, path):
-    """Rows: background / foreground / composite / mask (the paper's Fig. 3)."""
-    from torchvision.utils import save_image
-    with torch.random.fork_rng(devices=[z.device] if z.device.type == "cuda" else []):
-        torch.manual_seed(0)  # noise inputs: fixed, and the training RNG is left untouched
-        f, b, m = G(z)
-    rows = torch.cat([b, f, composite(f, b, m), m.expand(-1, 3, -1, -1) * 2 - 1])
-    save_image((rows.float().clamp(-1, 1) + 1) / 2, path, nrow=z.shape[0], padding=1, pad_value=1)
-
-
-def save_checkpoint(path, state, cfg):
-    """Atomic: write a temporary file, then rename over the old checkpoint. The RNG states are the
-    CPU's and the training device's only, so the run resumes wherever that device exists."""
-    dev = state.ada_p.device
-    ckpt = dict(format=CHECKPOINT_FORMAT, run_id=state.run_id, state=state.state_dict(), config=dataclasses.asdict(cfg),
-                rng_cpu=torch.get_rng_state(), rng_device=torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None)
-    tmp = Path(f"{path}.{os.getpid()}.tmp")  # a killed write leaves only this file behind
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
-
-
-def restore_rng(ckpt, dev):
-    """The RNG states of save_checkpoint, on `dev`. Older checkpoints hold one CUDA state per GPU that
-    was visible (rng_cuda): the one of dev's index is used if it is there."""
-    torch.set_rng_state(ckpt["rng_cpu"])
-    if dev.type != "cuda":
-        return
-    states = [ckpt["rng_device"]] if "rng_device" in ckpt else ckpt.get("rng_cuda", [])[dev.index or 0:][:1]
-    if states and states[0] is not None:
-        torch.cuda.set_rng_state(states[0], dev)
-
-
-def find_checkpoint(path, best=False):
-    """A run folder -> its checkpoint.pt (latest), or with best=True its best.pt (lowest FID) if any."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / "best.pt" if best and (p / "best.pt").is_file() else p / "checkpoint.pt"
-    if not p.is_file():
-        raise InputError(f"no checkpoint at {p} (give a run folder or a .pt file)")
-    return p
-
-
-def load_checkpoint(path, device="cpu", best=False):
-    """-> (cfg, checkpoint dict). Loads with weights_only=True: tensors and plain Python only."""
-    path = find_checkpoint(path, best)
-    try:  # tensors and plain Python only: a crafted pickle is refused, nothing in it runs
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # truncated, not a checkpoint at all, or a pickle with code in it
-        raise InputError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise InputError(f"{path} is not a checkpoint of this version of ilsgan.py (format "
-                         f"{ckpt.get('format', 1) if isinstance(ckpt, dict) else '?'}, this version reads {CHECKPOINT_FORMAT}): train it again")
-    ckpt["loaded_from"] = str(path)  # where a resumed run comes from (run_folder)
-    return Config(**ckpt["config"]), ckpt
-
-
-def load_generator(path, device="cpu", best=False):
-    """Run folder or checkpoint -> (cfg, G_ema in eval mode on `device`, kimg the checkpoint reached);
-    best: prefer best.pt. cfg.kimg is the run's planned length."""
-    cfg, ckpt = load_checkpoint(path, device, best)
-    G = Generator(cfg).to(device).eval().requires_grad_(False)
-    G.load_state_dict(ckpt["state"]["G_ema"])
-    return cfg, G, ckpt["state"]["nimg"] / 1000
-
-
-def read_fid_log(run_dir):
-    """The run's fid.jsonl as a list of {kimg, fid, n} records (empty if FID was off)."""
-    path = Path(run_dir) / "fid.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def read_results(run_dir):
-    """The run's results.json as a dict ({} if there is none); a file that is not one is an error."""
-    path = Path(run_dir) / "results.json"
-    if not path.is_file():
-        return {}
-    try:
-        results = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise InputError(f"{path} is not a results file ({e}); move it away to score the run again") from None
-    if not isinstance(results, dict):
-        raise InputError(f"{path} is not a results file (a JSON object of sections); move it away to score again")
-    return results
-
-
-def write_results(run_dir, section, values):
-    """results.json in the run folder, one section per tool (segmentation, mi, ...), written atomically."""
-    with folder_lock(Path(run_dir), "results.json.lock", wait=60):  # two tools may finish at once
-        results = read_results(run_dir)
-        results[section] = values
-        write_json(Path(run_dir) / "results.json", results)
-    return results
-
-
-def pick_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def setup_device(dev, tf32=False):
-    """The device (a name or a torch.device), with the settings shared by the three scripts."""
-    dev = pick_device(dev) if isinstance(dev, str) else dev
-    if dev.type == "cpu":
-        torch.set_flush_denormal(True)  # denormals slow CPU training ~2x late in training
-    if dev.type == "cuda":  # official: cuDNN's autotuner on (the shapes never change), TF32 off unless asked
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
-    return dev
-
-
 # ==============================================================================================
 # The lesson ends here. Appendix: plumbing you may skip.
 # ==============================================================================================
 
+
 # ----------------------------------------------------------------------------------------------
 # A. The synthetic benchmark's renderer
 # ----------------------------------------------------------------------------------------------
-
 
 # Colours shared by objects and backgrounds, so colour alone never tells them apart.
 PALETTE = torch.tensor([[0.85, 0.20, 0.15], [0.95, 0.70, 0.10], [0.20, 0.60, 0.25], [0.15, 0.35, 0.80],
@@ -1320,10 +1039,31 @@ def make_synthetic(n, res, seed):
     return torch.cat(xs), torch.cat(ms)
 
 
+# ----------------------------------------------------------------------------------------------
+# B. Datasets: the embedded benchmark, and the DRC_processed layouts of DRC and the official ILSGAN, and any folder
+# Every dataset becomes one uint8 tensor [N,3,res,res] in memory, decoded once (and cached).
+# ----------------------------------------------------------------------------------------------
 
-# ----------------------------------------------------------------------------------------------
-# B. Real datasets on disk: the DRC_processed layouts of DRC and the official ILSGAN, and any folder
-# ----------------------------------------------------------------------------------------------
+SYNTHETIC_TEST_SEED = 1_000_003  # the test split is drawn from its own stream, never from training
+
+
+def load_dataset(name, root, res, split, n_train=10000, bgr=False, skip_unmasked=False):
+    """Images [N,3,res,res] uint8 and masks [N,1,res,res] bool (None where the split has none).
+
+    split: 'train' (for the GAN) or 'test' (real images with ground-truth masks, for evaluation).
+    """
+    if name == "synthetic":
+        return make_synthetic(n_train, res, seed=0) if split == "train" else make_synthetic(1000, res, SYNTHETIC_TEST_SEED)
+    return load_real(name, root, res, split, bgr, skip_unmasked)
+
+
+def resize_images(x, res):
+    """uint8 or float [N,3,H,W] -> float [-1,1] at res (bilinear, antialiased)."""
+    x = to_float(x) if x.dtype == torch.uint8 else x
+    if x.shape[-1] != res:
+        x = F.interpolate(x, size=(res, res), mode="bilinear", align_corners=False, antialias=True)
+    return x
+
 
 LAYOUTS = {
     "cars": """DRC_processed/cars/  (from the DRC authors; Stanford Cars with Mask R-CNN pseudo ground truth)
@@ -1341,6 +1081,8 @@ LAYOUTS = {
     "folder": """<root>/  any images (.jpg .jpeg .png .bmp .webp), searched recursively, for training;
     optional: <root>/images/... with <root>/masks/<same relative path, .png> for testing""",
 }
+
+
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
@@ -1702,9 +1444,8 @@ def real_fid_stats(net, data, cfg):
     return stats
 
 
-
 # ----------------------------------------------------------------------------------------------
-# D. One run's plumbing: what train() leaves to Run
+# D. A run's plumbing: its folder, logs, checkpoints and results
 # ----------------------------------------------------------------------------------------------
 
 
@@ -1804,26 +1545,29 @@ class Run:
             exc.kept = (f"{self.out / 'checkpoint.pt'} at {self.kept:.2f} kimg, the last snapshot" if self.kept is not None
                         else "nothing: no checkpoint had been written yet")
         elif kind is None:
-            check_in_step(self.state.G)
+            assert_in_step(self.state.G)
         self.exit.close()
         return False
 
 
-@contextlib.contextmanager
-def scoring(run_dir, section, what):
-    """An evaluation of a run folder (unet_eval.py, mine.py): under the run's lock, so that no run
-    starts, resumes or is overwritten there meanwhile; its results.json checked before any work; and
-    an interrupt told what was kept."""
-    check_writable(run_dir)
-    with folder_lock(run_dir):
-        read_results(run_dir)
-        try:
-            yield
-        except Interrupt as e:
-            if e.where is None:
-                e.where = f"{what} of {run_dir}"
-                e.kept = f"the run as it was; results.json has no new '{section}' section (scoring not finished)"
-            raise
+def read_stats(acc):
+    """{name: (sum, count)} -> {name: mean} as Python floats, reading the device once."""
+    names = [k for k, (v, _) in acc.items() if torch.is_tensor(v)]
+    values = torch.stack([acc[k][0].double() for k in names]).tolist() if names else []
+    rec = {k: (values[names.index(k)] if k in names else v) / n for k, (v, n) in acc.items()}
+    return rec
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped itself: its losses left the range a training run can come back from."""
+
+
+class NonFiniteLoss(TrainingStopped):
+    pass
+
+
+class Diverged(TrainingStopped):
+    pass
 
 
 def stop_if_lost(rec, state, cfg, kept, out):
@@ -1845,6 +1589,91 @@ def stop_if_lost(rec, state, cfg, kept, out):
                + (f"the last good checkpoint is {last}" if last else "no checkpoint had been written yet"))
 
 
+def snapshot(state, cfg, out, grid_z, fid_net, real_stats):
+    """The fixed-z grid and the checkpoint; with FID on, its value, keeping the lowest-FID
+    checkpoint as best.pt (official: the run's result). Returns a line to print, or None."""
+    save_grid(state.G_ema, grid_z, out / f"grid-{state.nimg / 1000:09.3f}kimg.png")
+    save_checkpoint(out / "checkpoint.pt", state, cfg)
+    if fid_net is None:
+        return None
+    value, earlier = fid(fid_net, state.G_ema, real_stats, cfg.fid_n), [r["fid"] for r in read_fid_log(out)]
+    with open(out / "fid.jsonl", "a") as fh:
+        fh.write(json.dumps(dict(kimg=state.nimg / 1000, fid=value, n=cfg.fid_n)) + "\n")
+    if value <= min(earlier, default=math.inf):  # the checkpoint just written, copied atomically
+        shutil.copyfile(out / "checkpoint.pt", out / f"best.pt.{os.getpid()}.tmp")
+        os.replace(out / f"best.pt.{os.getpid()}.tmp", out / "best.pt")
+    return f"kimg {state.nimg / 1000:.1f}: FID {value:.2f} (best {min(earlier + [value]):.2f})"
+
+
+@torch.no_grad()
+def save_grid(G, z, path):
+    """Rows: background / foreground / composite / mask (the paper's Fig. 3)."""
+    from torchvision.utils import save_image
+    with torch.random.fork_rng(devices=[z.device] if z.device.type == "cuda" else []):
+        torch.manual_seed(0)  # noise inputs: fixed, and the training RNG is left untouched
+        f, b, m = G(z)
+    rows = torch.cat([b, f, composite(f, b, m), m.expand(-1, 3, -1, -1) * 2 - 1])
+    save_image((rows.float().clamp(-1, 1) + 1) / 2, path, nrow=z.shape[0], padding=1, pad_value=1)
+
+
+CHECKPOINT_FORMAT = 2  # the layout of checkpoint.pt; one of another format is refused, with the reason
+
+
+def save_checkpoint(path, state, cfg):
+    """Atomic: write a temporary file, then rename over the old checkpoint. The RNG states are the
+    CPU's and the training device's only, so the run resumes wherever that device exists."""
+    dev = state.ada_p.device
+    ckpt = dict(format=CHECKPOINT_FORMAT, run_id=state.run_id, state=state.state_dict(), config=dataclasses.asdict(cfg),
+                rng_cpu=torch.get_rng_state(), rng_device=torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None)
+    tmp = Path(f"{path}.{os.getpid()}.tmp")  # a killed write leaves only this file behind
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def restore_rng(ckpt, dev):
+    """The RNG states of save_checkpoint, on `dev`. Older checkpoints hold one CUDA state per GPU that
+    was visible (rng_cuda): the one of dev's index is used if it is there."""
+    torch.set_rng_state(ckpt["rng_cpu"])
+    if dev.type != "cuda":
+        return
+    states = [ckpt["rng_device"]] if "rng_device" in ckpt else ckpt.get("rng_cuda", [])[dev.index or 0:][:1]
+    if states and states[0] is not None:
+        torch.cuda.set_rng_state(states[0], dev)
+
+
+def find_checkpoint(path, best=False):
+    """A run folder -> its checkpoint.pt (latest), or with best=True its best.pt (lowest FID) if any."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "best.pt" if best and (p / "best.pt").is_file() else p / "checkpoint.pt"
+    if not p.is_file():
+        raise InputError(f"no checkpoint at {p} (give a run folder or a .pt file)")
+    return p
+
+
+def load_checkpoint(path, device="cpu", best=False):
+    """-> (cfg, checkpoint dict). Loads with weights_only=True: tensors and plain Python only."""
+    path = find_checkpoint(path, best)
+    try:  # tensors and plain Python only: a crafted pickle is refused, nothing in it runs
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # truncated, not a checkpoint at all, or a pickle with code in it
+        raise InputError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise InputError(f"{path} is not a checkpoint of this version of ilsgan.py (format "
+                         f"{ckpt.get('format', 1) if isinstance(ckpt, dict) else '?'}, this version reads {CHECKPOINT_FORMAT}): train it again")
+    ckpt["loaded_from"] = str(path)  # where a resumed run comes from (run_folder)
+    return Config(**ckpt["config"]), ckpt
+
+
+def load_generator(path, device="cpu", best=False):
+    """Run folder or checkpoint -> (cfg, G_ema in eval mode on `device`, kimg the checkpoint reached);
+    best: prefer best.pt. cfg.kimg is the run's planned length."""
+    cfg, ckpt = load_checkpoint(path, device, best)
+    G = Generator(cfg).to(device).eval().requires_grad_(False)
+    G.load_state_dict(ckpt["state"]["G_ema"])
+    return cfg, G, ckpt["state"]["nimg"] / 1000
+
+
 def cut_log(path, kimg):
     """A log (stats.jsonl, fid.jsonl) cut back to the records up to kimg, a torn last line dropped."""
     if not path.is_file():
@@ -1862,6 +1691,35 @@ def cut_log(path, kimg):
     os.replace(tmp, path)
 
 
+def read_fid_log(run_dir):
+    """The run's fid.jsonl as a list of {kimg, fid, n} records (empty if FID was off)."""
+    path = Path(run_dir) / "fid.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def read_results(run_dir):
+    """The run's results.json as a dict ({} if there is none); a file that is not one is an error."""
+    path = Path(run_dir) / "results.json"
+    if not path.is_file():
+        return {}
+    try:
+        results = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InputError(f"{path} is not a results file ({e}); move it away to score the run again") from None
+    if not isinstance(results, dict):
+        raise InputError(f"{path} is not a results file (a JSON object of sections); move it away to score again")
+    return results
+
+
+def write_results(run_dir, section, values):
+    """results.json in the run folder, one section per tool (segmentation, mi, ...), written atomically."""
+    with folder_lock(Path(run_dir), "results.json.lock", wait=60):  # two tools may finish at once
+        results = read_results(run_dir)
+        results[section] = values
+        write_json(Path(run_dir) / "results.json", results)
+    return results
+
+
 def write_json(path, value):
     """Atomically: a killed write leaves the previous file."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
@@ -1869,10 +1727,124 @@ def write_json(path, value):
     os.replace(tmp, path)
 
 
+@contextlib.contextmanager
+def scoring(run_dir, section, what):
+    """An evaluation of a run folder (unet_eval.py, mine.py): under the run's lock, so that no run
+    starts, resumes or is overwritten there meanwhile; its results.json checked before any work; and
+    an interrupt told what was kept."""
+    make_writable(run_dir)
+    with folder_lock(run_dir):
+        read_results(run_dir)
+        try:
+            yield
+        except Interrupt as e:
+            if e.where is None:
+                e.where = f"{what} of {run_dir}"
+                e.kept = f"the run as it was; results.json has no new '{section}' section (scoring not finished)"
+            raise
+
+
 # ----------------------------------------------------------------------------------------------
-# D. Several processes: `torchrun --nproc_per_node N ilsgan.py ...` (data parallel, as StyleGAN2-ADA:
-#    every process holds the same networks, draws batch / N of its own images and latents, and the
-#    gradients are averaged before every optimiser step; process 0 logs and writes the run folder)
+# E. Device, precision and the optimiser step
+# ----------------------------------------------------------------------------------------------
+
+
+def pick_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def setup_device(dev, tf32=False):
+    """The device (a name or a torch.device), with the settings shared by the three scripts."""
+    dev = pick_device(dev) if isinstance(dev, str) else dev
+    if dev.type == "cpu":
+        torch.set_flush_denormal(True)  # denormals slow CPU training ~2x late in training
+    if dev.type == "cuda":  # official: cuDNN's autotuner on (the shapes never change), TF32 off unless asked
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    return dev
+
+
+def mixed_precision(amp, dev):
+    """autocast for the networks' forward passes: 'bf16' or 'fp16', or a no-op for 'off'."""
+    amp = resolve_amp(amp, dev)
+    return torch.autocast(dev.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16, enabled=amp != "off")
+
+
+def resolve_amp(amp, dev):
+    """The precision --amp gives on this device: auto is what amp_choice says."""
+    return amp if amp != "auto" else amp_choice(dev)[0]
+
+
+def amp_choice(dev):
+    """--amp auto on this device, and why: bf16 where the GPU computes it natively (compute capability
+    8.0 or more: A100, H100, RTX 30xx and later), fp16 with the gradient scaler on 7.x (V100, T4: bf16
+    there is emulated and slow; fp16 is what StyleGAN2-ADA trains in), fp32 elsewhere. -> (amp, reason)"""
+    if dev.type != "cuda":
+        return "off", "a CPU, where bf16 is mostly emulated"
+    major, minor = torch.cuda.get_device_capability(dev.index if dev.index is not None else torch.cuda.current_device())
+    if major >= 8:
+        return "bf16", f"compute capability {major}.{minor} computes bf16 natively"
+    if major == 7:
+        return "fp16", f"compute capability {major}.{minor}: fp16 tensor cores, bf16 only emulated"
+    return "off", f"compute capability {major}.{minor}: no fast reduced precision"
+
+
+def compiled(module):
+    """torch.compile(module), drawing its random numbers (the noise inputs) as eager PyTorch does, so
+    that a compiled run follows the same random stream."""
+    import torch._inductor.config
+    torch._inductor.config.fallback_random = True
+    return torch.compile(module)
+
+
+def optimizer_step(opt, scaler, loss, params):
+    """Backward, average the gradients over processes, and step (with fp16's loss scaling)."""
+    params = list(params)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    all_mean_grads(params)
+    scaler.unscale_(opt)
+    for p in params:  # official: nan_to_num on gradients before every step
+        if p.grad is not None:
+            torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
+    scaler.step(opt)  # fp16: skipped if a gradient overflowed, and the scale lowered
+    scaler.update()
+
+
+class GridSample(torch.autograd.Function):
+    """official (grid_sample_gradfix): bilinear grid_sample with reflection padding whose backward can
+    be differentiated again, as R1 through ADA needs, on every PyTorch this project supports (not all
+    of them define the derivative of grid_sampler_2d_backward). The grid gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, x, grid):
+        ctx.save_for_backward(x, grid)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return GridSampleBackward.apply(grad, *ctx.saved_tensors), None
+
+
+class GridSampleBackward(torch.autograd.Function):
+    """grad -> A^T grad, for the linear sampling x -> A x; its own backward is A, grid_sample again."""
+
+    @staticmethod
+    def forward(ctx, grad, x, grid):
+        ctx.save_for_backward(grid)  # modes: 0 = bilinear, 2 = reflection padding; no grid gradient
+        return torch.ops.aten.grid_sampler_2d_backward(grad, x, grid, 0, 2, False, [True, False])[0]
+
+    @staticmethod
+    def backward(ctx, grad2):
+        return GridSample.apply(grad2, ctx.saved_tensors[0]), None, None
+
+
+# ----------------------------------------------------------------------------------------------
+# F. Several processes: `torchrun --nproc_per_node N ilsgan.py ...` (data parallel, as StyleGAN2-ADA:
+# every process holds the same networks, draws batch / N of its own images and latents, and the
+# gradients are averaged before every optimiser step; process 0 logs and writes the run folder)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -1921,7 +1893,7 @@ def all_mean_grads(params):
             p.grad.copy_(g.view_as(p))
 
 
-def check_in_step(G):
+def assert_in_step(G):
     """At the end of a multi-process run: the processes' generators must still be identical."""
     if world()[1] > 1:
         total = sum(p.double().sum() for p in G.parameters()).reshape(1)
@@ -1930,7 +1902,7 @@ def check_in_step(G):
 
 
 # ----------------------------------------------------------------------------------------------
-# E. Guards: what was given is checked before any work, and a run folder belongs to one run
+# G. Guards: what was given is checked before any work, and a run folder belongs to one run
 # ----------------------------------------------------------------------------------------------
 
 
@@ -1938,7 +1910,7 @@ class InputError(ValueError):
     """A problem with what was given (flags, files, folders): the scripts print it as `error: ...`."""
 
 
-def check(cfg, positive=(), nonneg=(), choices=None, rules=()):
+def validate_fields(cfg, positive=(), nonneg=(), choices=None, rules=()):
     """Raise InputError naming every field out of range (one line each) before any work is done.
     rules: (field, ok, what it must be) for the conditions that need more than a sign or a list."""
     numbers = [f.name for f in dataclasses.fields(cfg) if isinstance(getattr(cfg, f.name), float)]
@@ -1953,7 +1925,7 @@ def check(cfg, positive=(), nonneg=(), choices=None, rules=()):
         raise InputError("invalid settings:\n  " + "\n  ".join(bad))
 
 
-def check_device(name):
+def parse_device(name):
     """A device name that parses, is one this project runs on, and exists here -> the torch.device."""
     try:
         dev = pick_device(name)
@@ -1967,11 +1939,11 @@ def check_device(name):
     return dev
 
 
-def check_config(cfg):
-    """Config's ranges, choices and combinations (see check)."""
+def validate_config(cfg):
+    """Config's ranges, choices, combinations and sizes (see validate_fields, validate_sizes)."""
     per_process = cfg.batch // int(os.environ.get("WORLD_SIZE", "1"))
     root_ok = cfg.dataset == "synthetic" or Path(cfg.data_root).expanduser().is_dir()
-    check(cfg, positive=("n_train", "z_dim", "w_dim", "map_layers", "channel_max", "mbstd_group", "batch", "kimg",
+    validate_fields(cfg, positive=("n_train", "z_dim", "w_dim", "map_layers", "channel_max", "mbstd_group", "batch", "kimg",
                          "lr", "r1_interval", "g_reg_interval", "ada_interval", "ada_kimg", "log_kimg", "snap_kimg"),
           nonneg=("ema_kimg", "ema_rampup", "shift", "eta", "lambda_m", "lambda_b", "lambda_ils", "ils_warmup",
                   "ils_warmup_weight", "lambda_guard", "mask_max", "mask_spread", "mask_spread_max", "lambda_border",
@@ -1989,11 +1961,11 @@ def check_config(cfg):
                  ("out", cfg.out.strip() != "", "a folder for the run"),
                  ("out", cfg.dataset == "synthetic" or not root_ok or not Path(cfg.out).resolve().is_relative_to(
                      Path(cfg.data_root).expanduser().resolve()), "outside --data-root (a run never writes into its data)")])
-    dev = check_device(cfg.device)
-    check_memory(cfg, dev)
+    dev = parse_device(cfg.device)
+    validate_sizes(cfg, dev)
 
 
-def check_memory(cfg, dev):
+def validate_sizes(cfg, dev):
     """Refuse sizes that cannot be allocated here, before any work: the networks (built on the meta
     device: no memory), their gradients, Adam's moments and G_ema, the decoded synthetic data and a
     lower bound of the activations a step keeps, against the device's memory."""
@@ -2033,7 +2005,7 @@ def run_folder(out, ckpt=None, overwrite=False):
     own folder, in one that holds the same run, or in an empty one (its logs are copied there)."""
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file; give a folder")
-    check_writable(out)
+    make_writable(out)
     with folder_lock(out):
         held = sorted({p.name for pattern in RUN_FILES for p in out.glob(pattern)})
         if ckpt is not None:
@@ -2066,7 +2038,7 @@ def run_id_of(folder):
         return None
 
 
-def check_writable(folder):
+def make_writable(folder):
     """Make the folder if needed and fail now, not after hours of work, if it cannot be written."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -2155,11 +2127,41 @@ def error_boundary(body, again):
 
 
 # ----------------------------------------------------------------------------------------------
-# The command line
+# H. Flags and the command line
 # ----------------------------------------------------------------------------------------------
 
 
-def check_data(cfg):
+def with_overrides(cfg, **overrides):
+    """A copy of cfg with the given fields replaced (None = not given); an unknown name is an error."""
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cfg)})
+    if unknown:
+        raise InputError(f"unknown config field(s): {', '.join(unknown)}")
+    return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def preset_name(cfg, presets):
+    """The preset whose every setting cfg has, or 'custom' (for the protocol lines of results.json)."""
+    return next((k for k, v in presets.items() if all(getattr(cfg, f) == x for f, x in v.items())), "custom")
+
+
+def config_parser(cls, presets, description):
+    """--preset plus one flag per field of cls, each helped by the field's comment; unset flags are None."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--preset", choices=list(presets), default=None, help="named overrides of the defaults")
+    comments = dict(re.findall(r"^\s+(\w+): \w+ = .*?#\s*(.*)$", inspect.getsource(cls), re.M))
+    for f in dataclasses.fields(cls):
+        flag, text = "--" + f.name.replace("_", "-"), comments.get(f.name, "").replace("%", "%%")
+        kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type)
+        ap.add_argument(flag, default=None, help=f"{text} [{f.default}]", **kind)
+    return ap
+
+
+def given(args, cls):
+    """The fields of cls given on the command line, as overrides."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name) is not None}
+
+
+def print_data(cfg):
     """Load both splits as training and evaluation will, and print what was found."""
     for split in ("train", "test"):
         x, m = load_dataset(cfg.dataset, cfg.data_root, cfg.resolution, split, cfg.n_train, cfg.bgr)
@@ -2197,51 +2199,6 @@ def companion_main(cls, presets, doc, argv, evaluate):
     return error_boundary(lambda: evaluate(cfg), lambda: f"python {evaluate.__module__}.py {' '.join(argv)} (it starts over)")
 
 
-RESUME_FIXED = ("dataset", "resolution", "z_dim", "w_dim", "map_layers", "channel_base", "channel_max", "seed")
-
-
-def main(argv=None):
-    ap = config_parser(Config, PRESETS, "ILSGAN (arXiv 2211.13974): layered GAN + independent layer synthesis.")
-    ap.add_argument("--resume", default=None, help="run folder or checkpoint to continue (its config, then the flags given)")
-    ap.add_argument("--overwrite", action="store_true", help="start afresh in an --out that holds a run (deletes its run files)")
-    ap.add_argument("--check-data", action="store_true",
-                    help="load the train and test splits of --dataset, print what was found, and exit")
-    args = ap.parse_args(argv)
-    argv = sys.argv[1:] if argv is None else list(map(str, argv))
-    overrides, rank = given(args, Config), int(os.environ.get("RANK", "0"))  # RANK: set by torchrun
-    out = []  # the run folder, once known
-
-    def again():  # the command that continues after an interrupt
-        if out and (out[0] / "checkpoint.pt").is_file():
-            return f"python ilsgan.py --resume {out[0]}"
-        return "python ilsgan.py " + " ".join(argv + ([] if "--overwrite" in argv else ["--overwrite"]))
-
-    def body():
-        cfg, ckpt = resume_config(args.resume, args.preset, args.overwrite, overrides, rank) if args.resume else \
-            (new_config(args.preset, overrides), None)
-        check_config(cfg)
-        if args.check_data:
-            return check_data(cfg)
-        out.append(Path(cfg.out))
-        if rank == 0:
-            print(json.dumps(dataclasses.asdict(cfg)))
-        train(cfg, ckpt, args.overwrite)
-        if cfg.evaluate and rank == 0:
-            # The companions score the run folder and add their sections to its results.json; this is
-            # the one place where this file reaches up to them. The run's lock is held throughout.
-            import mine, unet_eval  # noqa: E401
-            dev = str(training_device(cfg))  # scored where it trained
-            with folder_lock(out[0]):
-                unet_eval.evaluate(unet_eval.make_config(cfg.eval_preset, ckpt=str(out[0]), device=dev))
-                mine.evaluate(mine.make_config(cfg.eval_preset, ckpt=str(out[0]), device=dev))
-            unet_eval.print_closing_table(out[0])
-    try:
-        return error_boundary(body, again)
-    finally:
-        if world()[1] > 1:
-            dist.destroy_process_group()
-
-
 def new_config(preset, overrides):
     """A new run's config: the preset given, or the one that fits the data and the device (said why)."""
     preset, why = (preset, "given") if preset else choose_preset(
@@ -2275,6 +2232,48 @@ def resume_config(resume, preset, overwrite, overrides, rank=0):
     if rank == 0 and overrides.keys() - {"out"}:
         print("resuming with " + ", ".join(f"{k}={v} (was {getattr(saved, k)})" for k, v in overrides.items() if k != "out"))
     return cfg, ckpt
+
+
+def main(argv=None):
+    ap = config_parser(Config, PRESETS, "ILSGAN (arXiv 2211.13974): layered GAN + independent layer synthesis.")
+    ap.add_argument("--resume", default=None, help="run folder or checkpoint to continue (its config, then the flags given)")
+    ap.add_argument("--overwrite", action="store_true", help="start afresh in an --out that holds a run (deletes its run files)")
+    ap.add_argument("--check-data", action="store_true",
+                    help="load the train and test splits of --dataset, print what was found, and exit")
+    args = ap.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(map(str, argv))
+    overrides, rank = given(args, Config), int(os.environ.get("RANK", "0"))  # RANK: set by torchrun
+    out = []  # the run folder, once known
+
+    def again():  # the command that continues after an interrupt
+        if out and (out[0] / "checkpoint.pt").is_file():
+            return f"python ilsgan.py --resume {out[0]}"
+        return "python ilsgan.py " + " ".join(argv + ([] if "--overwrite" in argv else ["--overwrite"]))
+
+    def body():
+        cfg, ckpt = resume_config(args.resume, args.preset, args.overwrite, overrides, rank) if args.resume else \
+            (new_config(args.preset, overrides), None)
+        validate_config(cfg)
+        if args.check_data:
+            return print_data(cfg)
+        out.append(Path(cfg.out))
+        if rank == 0:
+            print(json.dumps(dataclasses.asdict(cfg)))
+        train(cfg, ckpt, args.overwrite)
+        if cfg.evaluate and rank == 0:
+            # The companions score the run folder and add their sections to its results.json; this is
+            # the one place where this file reaches up to them. The run's lock is held throughout.
+            import mine, unet_eval  # noqa: E401
+            dev = str(training_device(cfg))  # scored where it trained
+            with folder_lock(out[0]):
+                unet_eval.evaluate(unet_eval.make_config(cfg.eval_preset, ckpt=str(out[0]), device=dev))
+                mine.evaluate(mine.make_config(cfg.eval_preset, ckpt=str(out[0]), device=dev))
+            unet_eval.print_closing_table(out[0])
+    try:
+        return error_boundary(body, again)
+    finally:
+        if world()[1] > 1:
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

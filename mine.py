@@ -154,10 +154,10 @@ def layer_pairs(f, b, m):
 
 def evaluate(mc):
     """Estimate all three MIs for one checkpoint; merge them into results.json; return the section."""
-    ilsgan.check(mc, positive=("res", "hidden", "lr", "eval_every", "last"), nonneg=("ma_rate",),
+    ilsgan.validate_fields(mc, positive=("res", "hidden", "lr", "eval_every", "last"), nonneg=("ma_rate",),
                  rules=[("n", mc.n >= 2, "2 or more"), ("batch", mc.batch >= 2, "2 or more (pairs are shuffled within it)"),
                         ("iters", mc.iters >= mc.eval_every, f"at least --eval-every ({mc.eval_every}), or nothing is measured")])
-    dev = ilsgan.setup_device(ilsgan.check_device(mc.device))
+    dev = ilsgan.setup_device(ilsgan.parse_device(mc.device))
     ckpt_path = ilsgan.find_checkpoint(mc.ckpt, best=True)  # official: the lowest-FID snapshot if any
     dim = 3 * mc.res**2
     ilsgan.require_memory({"the statistics network with its gradients and Adam's moments": 4 * 4 * (2 * dim + 2) * mc.hidden,

@@ -272,10 +272,10 @@ def save_outlines(x, pred, gt, path, n=32):
 
 def evaluate(ec):
     """The whole protocol for one checkpoint; returns the 'segmentation' section of results.json."""
-    ilsgan.check(ec, positive=("width", "iters", "batch", "lr", "val_every"), nonneg=("lr_step",),
+    ilsgan.validate_fields(ec, positive=("width", "iters", "batch", "lr", "val_every"), nonneg=("lr_step",),
                  rules=[("n", ec.n >= 10, "10 or more (90% train the U-Net, 10% validate it)"),
                         ("seg_res", ec.seg_res >= 16 and ec.seg_res & (ec.seg_res - 1) == 0, "a power of two, 16 or more")])
-    dev = ilsgan.setup_device(ilsgan.check_device(ec.device))
+    dev = ilsgan.setup_device(ilsgan.parse_device(ec.device))
     ckpt_path = ilsgan.find_checkpoint(ec.ckpt, best=True)  # official: the lowest-FID snapshot if any
     with ilsgan.scoring(ckpt_path.parent, "oracle" if ec.oracle else "segmentation", "the U-Net distillation"):
         return score(ec, ckpt_path, dev)
@@ -286,7 +286,7 @@ def score(ec, ckpt_path, dev):
     cfg, G, kimg = ilsgan.load_generator(ckpt_path, dev)
     dataset, root = ec.dataset or cfg.dataset, ec.data_root or cfg.data_root
     seg_res = min(cfg.resolution, ec.seg_res)
-    check_memory(ec, seg_res, dev)
+    validate_sizes(ec, seg_res, dev)
     t0 = time.time()
     x_test, m_test = ilsgan.load_dataset(dataset, root, cfg.resolution, "test", cfg.n_train, cfg.bgr, cfg.skip_unmasked)
     if m_test is None:
@@ -323,7 +323,7 @@ def score(ec, ckpt_path, dev):
     return out
 
 
-def check_memory(ec, res, dev):
+def validate_sizes(ec, res, dev):
     """The U-Net (built on the meta device) with its gradients and Adam's moments, the pairs, and a
     lower bound of a batch's activations must fit in the device's memory."""
     with torch.device("meta"):

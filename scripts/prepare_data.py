@@ -125,7 +125,7 @@ def begin(out):
     if out.exists():
         raise ilsgan.InputError(f"--out {out} exists but holds no PREPARED.json: give a new or empty folder")
     stage = out.with_name(out.name + ".partial")
-    ilsgan.check_writable(stage)
+    ilsgan.make_writable(stage)
     return stage
 
 
@@ -135,7 +135,7 @@ def finish(stage, out, record, dataset, check_res):
     os.replace(stage, Path(out).expanduser())
     print(f"wrote {out}")
     if check_res:  # `ilsgan.py --check-data` on the result
-        ilsgan.check_data(ilsgan.make_config(dataset=dataset, data_root=str(Path(out).expanduser()), resolution=check_res))
+        ilsgan.print_data(ilsgan.make_config(dataset=dataset, data_root=str(Path(out).expanduser()), resolution=check_res))
 
 
 def save_png(array, path):
@@ -278,7 +278,7 @@ def prepare_detected(a):
     if stage is None:
         return
     items = (cars_items if a.dataset == "cars" else dogs_items)(a, stage)
-    layout, device = LAYOUT[a.dataset], ilsgan.setup_device(ilsgan.check_device(a.device))
+    layout, device = LAYOUT[a.dataset], ilsgan.setup_device(ilsgan.parse_device(a.device))
     model, weights = load_detector(a.weights, device)
     class_id = COCO_CLASS_ID[a.dataset]
     dropped_log = stage / "dropped.jsonl"

@@ -1,7 +1,9 @@
 """The shape of the project: imports point down (scripts -> companions -> ilsgan), and ilsgan.py
 teaches before its appendix."""
 import ast
+import io
 import re
+import tokenize
 
 from conftest import ROOT
 
@@ -32,9 +34,32 @@ def test_every_import_points_down():
             assert outside_main == {"ilsgan"} and not module_imports(path, skip_main=False) & COMPANIONS, path.name
 
 
+def code_lines(src, upto=None):
+    """Lines of code of src (up to line index `upto`): not blank, not comments, not docstrings."""
+    lines, doc = src.splitlines(), set()
+    for t in tokenize.generate_tokens(io.StringIO(src).readline):
+        if t.type == tokenize.STRING and t.line.strip().startswith(('"""', "r\"\"\"")):
+            doc.update(range(t.start[0] - 1, t.end[0]))
+    return sum(1 for i, line in enumerate(lines[:upto]) if line.strip() and not line.strip().startswith("#") and i not in doc)
+
+
 def test_the_lesson_comes_before_the_appendix():
     src = (ROOT / "ilsgan.py").read_text()
-    where = {name: src.index(f"\ndef {name}(") for name in ("train_step", "train", "make_synthetic", "load_real", "fid")}
     appendix = src.index("# The lesson ends here. Appendix")
-    assert max(where["train_step"], where["train"]) < appendix < min(where["make_synthetic"], where["load_real"], where["fid"])
+    lesson = ("train_step", "train", "State", "augment", "ils_mi_loss", "club", "sample")
+    plumbing = ("make_synthetic", "load_real", "fid", "inception_network", "run_folder", "folder_lock", "validate_config",
+                "save_checkpoint", "load_checkpoint", "config_parser", "init_processes", "optimizer_step", "main", "Run")
+    where = {name: re.search(rf"^(def|class) {name}\b", src, re.M).start() for name in lesson + plumbing}
+    assert all(where[n] < appendix for n in lesson) and all(where[n] > appendix for n in plumbing), where
     assert re.search(r"The lesson ends here\. Appendix", src[:src.index('"""', 10)])  # the table of contents says so
+
+
+def test_the_lesson_is_the_size_its_docstring_states():
+    """The lesson (top of the file to the marker) is read in one sitting: about 550 lines of code at
+    most, comments and docstrings not counted; the docstring states both figures as they are."""
+    src = (ROOT / "ilsgan.py").read_text()
+    marker = next(i for i, line in enumerate(src.splitlines()) if line.startswith("#") and "lesson ends here" in line.lower())
+    lesson, whole = code_lines(src, marker), code_lines(src)
+    assert lesson <= 550, lesson
+    said = re.search(r"the lesson \(sections 1-11\) is (\d+) lines of code.*?the\s+whole file (\d+)\.", src, re.S)
+    assert said and (int(said[1]), int(said[2])) == (lesson, whole), (said and said.groups(), lesson, whole)

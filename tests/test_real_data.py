@@ -121,7 +121,7 @@ def test_bad_token_file_is_reported(cars):
 
 
 @pytest.mark.slow
-def test_check_data_command(cars):
+def test_print_data_command(cars):
     r = subprocess.run([sys.executable, str(ROOT / "ilsgan.py"), "--dataset", "cars", "--data-root", str(cars),
                         "--resolution", "16", "--check-data"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
