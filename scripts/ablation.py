@@ -3,12 +3,15 @@
     python scripts/ablation.py                              # every variant over its seeds, 2 runs at a time
     python scripts/ablation.py --variants full no-ils --seeds 0 1 2 --jobs 2
     python scripts/ablation.py --table-only                 # tabulate what exists
+    python scripts/ablation.py --variants full --seeds 0 1 2 3 4 --per-run   # the default job over seeds, run by run
+    python scripts/ablation.py --variant lr4="--lr 0.004" --variants full lr4 --seeds 0 1 2   # a variant of your own
     python scripts/ablation.py --mine-spread runs/ablation/full-seed0   # MINE's own spread on one checkpoint
     python scripts/ablation.py --hidden-grid runs/ablation/full-seed0 runs/ablation/no-ils-seed0   # what each layer hides
     python scripts/ablation.py --mask-share runs/ablation/full-seed0 runs/ablation/ils-l1-seed0    # how much of the MI is the mask
 
 Each run is the full default job (`python ilsgan.py --seed N` with the variant's flags: train, U-Net,
-MINE) in <out>/<variant>-seed<N>, one thread per run (OMP_NUM_THREADS=1). A run whose results.json
+MINE) in <out>/<variant>-seed<N>, one thread per run (OMP_NUM_THREADS=1); --variant NAME="FLAGS"
+adds a variant of one's own. A run whose results.json
 holds both scores is not run again; an interrupted one continues from its checkpoint. The table
 (printed, and written to <out>/ablation.md) gives per variant the mean and standard deviation over
 seeds of test IoU, DICE, the MINE estimates of the two Eq. (11) pairs, their sum and the whole-layer
@@ -19,6 +22,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -118,7 +122,7 @@ def scores(folder):
         raise ilsgan.InputError(f"{folder / 'stats.jsonl'} has no readable last record ({e})") from None
     seg, mi = results["segmentation"]["test"], results["mi"]["nats"]
     made = json.loads((folder / "machine.json").read_text()) if (folder / "machine.json").is_file() else {}
-    return dict(iou=seg["iou"], dice=seg["dice"], **{k: mi[k] for k in PAIRS}, flagged=bool(last["flags"]),
+    return dict(iou=seg["iou"], dice=seg["dice"], **{k: mi[k] for k in PAIRS}, flagged=bool(last["flags"]), flags=last["flags"],
                 machine=f"{made.get('cpu', 'unrecorded machine')}, torch {made.get('torch', '?')}, code {made.get('code', '?')}")
 
 
@@ -164,6 +168,28 @@ def table(out, variants, seeds_of):
     text = "\n".join(lines) + "\n"
     (out / "ablation.md").write_text(text)
     return text
+
+
+def per_run_table(out, variants, seeds_of, success=None):
+    """Each run's test IoU and DICE, its generated masks' mean area and its last collapse flags; with
+    `success`, how many runs of each variant reach that IoU."""
+    lines = ["| run | test IoU | test DICE | generated mask area | collapse flags |", "|---|---|---|---|---|"]
+    counts = {}
+    for v in variants:
+        for s in seeds_of(v):
+            folder = out / f"{v}-seed{s}"
+            if not finished(folder):
+                lines.append(f"| {folder.name} | (not finished) | | | |")
+                continue
+            seg = ilsgan.read_results(folder)["segmentation"]
+            flags = scores(folder)["flags"]
+            lines.append(f"| {folder.name} | {seg['test']['iou']:.3f} | {seg['test']['dice']:.3f} | "
+                         f"{seg.get('gen_mask_area', float('nan')):.3f} | {' '.join(flags) or '-'} |")
+            counts.setdefault(v, []).append(seg["test"]["iou"])
+    if success is not None:
+        lines += [""] + [f"{v}: {sum(i >= success for i in ious)} of {len(ious)} runs reach IoU {success:g}; mean "
+                         f"{sum(ious) / len(ious):.3f}, range {min(ious):.3f}-{max(ious):.3f}" for v, ious in counts.items()]
+    return "\n".join(lines) + "\n"
 
 
 def mine_spread(run, seeds):
@@ -227,7 +253,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="variants:\n" + "\n".join(f"  {k:15s} {' '.join(a) or '(defaults)':22s} {d}"
                                                                   for k, (a, d) in VARIANTS.items()))
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="VARIANT")
+    ap.add_argument("--variant", action="append", default=[], metavar='NAME="FLAGS"',
+                    help='a variant of your own: ilsgan.py flags under a name, e.g. lr4="--lr 0.004" (repeatable)')
+    ap.add_argument("--variants", nargs="+", default=None, metavar="VARIANT", help=f"the variants to run (default: {' '.join(VARIANTS)})")
+    ap.add_argument("--per-run", action="store_true", help="also a table of each run: IoU, DICE, mask area, flags")
+    ap.add_argument("--success", type=float, default=None, help="with --per-run: count the runs whose test IoU reaches this")
     ap.add_argument("--seeds", type=int, nargs="+", default=None,
                     help="seeds of every variant (default: 0-4 for full, no-ils, ils-l1, F-gaussian; 0-2 for C, D, E)")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
@@ -247,6 +277,16 @@ def main():
 
 
 def run(args, common):
+    for v in args.variant:
+        name, _, flags = v.partition("=")
+        if not name or not flags.strip() or name in VARIANTS:
+            raise ilsgan.InputError(f"--variant {v!r}: give NAME=\"FLAGS\" with a new name, e.g. lr4=\"--lr 0.004\"")
+        VARIANTS[name] = (shlex.split(flags), f"your own: {flags}")
+        SEEDS[name] = 3
+    args.variants = args.variants or list(VARIANTS)
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        raise ilsgan.InputError(f"--variants {' '.join(unknown)}: not a variant ({', '.join(VARIANTS)}; or add one with --variant)")
     if args.jobs < 1:
         raise ilsgan.InputError(f"--jobs {args.jobs}: must be 1 or more")
     if not args.out.strip():
@@ -273,6 +313,8 @@ def run(args, common):
         failed = run_all([(v, s, out / f"{v}-seed{s}") for v in args.variants for s in seeds_of(v)], args.jobs, common)
     out.mkdir(parents=True, exist_ok=True)
     print(table(out, args.variants, seeds_of), end="")
+    if args.per_run:
+        print("\n" + per_run_table(out, args.variants, seeds_of, args.success), end="")
     if failed:
         sys.exit(f"{len(failed)} run(s) failed; their log.txt says why: {', '.join(str(f) for f in failed)}")
 

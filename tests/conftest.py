@@ -1,6 +1,9 @@
 """Shared fixtures: make the project importable and keep tests on the CPU, small and seeded; fake
-dataset trees in the documented layouts (DRC cars, CUB) for the real-data and bad-input tests."""
+dataset trees in the documented layouts (DRC cars, CUB) for the real-data and bad-input tests; the
+one way of running a script of the project (run_script) and of expecting its `error:` line (fails,
+refused)."""
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -83,3 +86,33 @@ def cub(tmp_path):
         x, y, bw, bh = map(int, b)
         save_mask(r / f"segmentations/{n}.png", w, h, (x, y, x + bw, y + bh), gray_edge=True)
     return r
+
+
+def run_script(*args, script="ilsgan.py", cwd=None, timeout=300, env=None):
+    """A script of the project in a subprocess, on the CPU and one thread, as a user would run it."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", **(env or {}))
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=timeout)
+
+
+def fails(*args, says, script="ilsgan.py", cwd=None):
+    """The command exits 1 with `error: ...` mentioning `says`, and prints no traceback."""
+    r = run_script(*args, script=script, cwd=cwd)
+    assert r.returncode == 1, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+    assert "Traceback" not in r.stdout + r.stderr, r.stderr
+    before, _, message = r.stderr.partition("error: ")
+    assert message and all("|" in line for line in before.splitlines() if line.strip()), r.stderr  # only progress bars before it
+    assert says in message, r.stderr
+    return r
+
+
+def refused(*args, says, script="ilsgan.py"):
+    """The same in this process: the script's main() ends in SystemExit('error: ...'), no other exception."""
+    import ilsgan
+    import mine
+    import unet_eval
+    main = {"ilsgan.py": ilsgan.main, "unet_eval.py": unet_eval.main, "mine.py": mine.main}[script]
+    with pytest.raises(SystemExit) as e:
+        main(list(map(str, args)))
+    assert str(e.value.code).startswith("error: ") and says in str(e.value.code), e.value.code
+    return str(e.value.code)

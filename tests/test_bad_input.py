@@ -14,36 +14,10 @@ import torch
 from PIL import Image
 
 import ilsgan
-import mine
-import unet_eval
-from conftest import ROOT, save_mask
-
-MAINS = {"ilsgan.py": ilsgan.main, "unet_eval.py": unet_eval.main, "mine.py": mine.main}
-
+from conftest import ROOT, fails, refused, run_script, save_mask
 
 def run(*args, script="ilsgan.py", cwd=None):
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=300)
-
-
-def fails(*args, says, script="ilsgan.py", cwd=None):
-    """The command exits 1 with `error: ...` mentioning `says`, and prints no traceback."""
-    r = run(*args, script=script, cwd=cwd)
-    assert r.returncode == 1, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
-    assert "Traceback" not in r.stdout + r.stderr, r.stderr
-    before, _, message = r.stderr.partition("error: ")
-    assert message and all("|" in line for line in before.splitlines() if line.strip()), r.stderr  # only progress bars before it
-    assert says in message, r.stderr
-    return r
-
-
-def refused(*args, says, script="ilsgan.py"):
-    """The same in this process: main() ends in SystemExit('error: ...'), no other exception."""
-    with pytest.raises(SystemExit) as e:
-        MAINS[script](list(map(str, args)))
-    assert str(e.value.code).startswith("error: ") and says in str(e.value.code), e.value.code
-    return str(e.value.code)
+    return run_script(*args, script=script, cwd=cwd)
 
 
 class Marker:
@@ -235,19 +209,29 @@ def test_a_pickled_token_list_runs_nothing(cars, tmp_path):
     assert not marker.exists()
 
 
-def test_a_token_list_that_is_not_numpy(cars):
-    (cars / "data_mrcnn_test_select.npy").write_text("7\n8\n")
-    refused("--dataset", "cars", "--data-root", cars, "--check-data", says="data_mrcnn_test_select.npy: not a .npy file")
+@pytest.mark.parametrize("tokens, says", [
+    ("text", "data_mrcnn_test_select.npy: not a .npy file"),
+    (np.zeros((2, 2)), "expected a non-empty 1-D array"),
+    (np.array([7, 8, 7]), "the token '7' is listed twice"),
+])
+def test_a_token_list_that_is_not_one(cars, tokens, says):
+    path = cars / "data_mrcnn_test_select.npy"
+    path.write_text("7\n8\n") if isinstance(tokens, str) else np.save(path, tokens)
+    refused("--dataset", "cars", "--data-root", cars, "--check-data", says=says)
 
 
-def test_a_token_listed_twice(cars):
-    np.save(cars / "data_mrcnn_test_select.npy", np.array([7, 8, 7]))
-    refused("--dataset", "cars", "--data-root", cars, "--check-data", says="the token '7' is listed twice")
-
-
-def test_an_image_id_listed_twice(cub):
-    (cub / "images.txt").write_text((cub / "images.txt").read_text() + "2 001.A/a_2.jpg\n")
-    refused("--dataset", "cub", "--data-root", cub, "--check-data", says="image id 2 is listed twice")
+@pytest.mark.parametrize("table, text, says", [
+    ("images.txt", "2 001.A/a_2.jpg\n", "image id 2 is listed twice"),
+    ("bounding_boxes.txt", None, "do not list the same ids"),
+    ("bounding_boxes.txt", "1 0 0 5\n", "expected 5 columns"),
+])
+def test_cub_id_tables_that_disagree(cub, table, text, says):
+    path = cub / table
+    if text is None:
+        path.write_text("1 0 0 5 5\n2 0 0 5 5\n3 0 0 5 5\n")  # id 4 has no box
+    else:
+        path.write_text((path.read_text() + text) if "twice" in says else text)
+    refused("--dataset", "cub", "--data-root", cub, "--check-data", says=says)
 
 
 def test_a_corrupt_image_is_named(cars):

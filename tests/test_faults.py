@@ -20,8 +20,7 @@ from PIL import Image
 import ilsgan
 import mine
 import unet_eval
-from conftest import ROOT
-from test_bad_input import fails, refused, run
+from conftest import ROOT, fails, refused, run_script as run
 
 TINY = ["--preset", "tiny", "--device", "cpu", "--kimg", "0.2", "--snap-kimg", "0.048", "--log-kimg", "0.016"]
 EVAL = ["--evaluate", "--eval-preset", "tiny"]

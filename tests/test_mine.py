@@ -47,15 +47,21 @@ def test_dv_bound_known_answer():
     assert mine.dv_bound(t_joint, t_marg).item() == pytest.approx(2.0 - math.log(2.0))
 
 
-def test_layer_pairs_are_the_regions_of_eq_11(monkeypatch):
+def test_layer_pairs_cut_the_regions_of_eq_11(monkeypatch):
+    """A mask that is 1 on the left half: the first pair is (f, b) on the left and zero on the right
+    (the foreground visible, the background hidden under it), the second the reverse on the right."""
     import ilsgan
-    f, b = torch.rand(3, 3, 8, 8) * 2 - 1, torch.rand(3, 3, 8, 8) * 2 - 1
-    m = torch.rand(3, 1, 8, 8)
+    f, b = torch.rand(2, 3, 8, 8) * 2 - 1, torch.rand(2, 3, 8, 8) * 2 - 1
+    m = torch.zeros(2, 1, 8, 8)
+    m[..., :4] = 1
     monkeypatch.setattr(ilsgan, "sample", lambda G, n, batch, seed: iter([dict(f=f, b=b, m=m)]))
-    pairs = mine.layer_pairs(*mine.generated_layers(None, 3, 8))
-    torch.testing.assert_close(pairs["vis_fg;inv_bg"], (f * m, b * m))  # f visible, b hidden under it
-    torch.testing.assert_close(pairs["vis_bg;inv_fg"], (b * (1 - m), f * (1 - m)))  # b visible, f hidden
-    torch.testing.assert_close(pairs["whole f;b"], (f, b))
+    pairs = mine.layer_pairs(*mine.generated_layers(None, 2, 8))
+    (vis_f, inv_b), (vis_b, inv_f) = pairs["vis_fg;inv_bg"], pairs["vis_bg;inv_fg"]
+    assert torch.equal(vis_f[..., :4], f[..., :4]) and torch.equal(inv_b[..., :4], b[..., :4])
+    assert not vis_f[..., 4:].any() and not inv_b[..., 4:].any()
+    assert torch.equal(vis_b[..., 4:], b[..., 4:]) and torch.equal(inv_f[..., 4:], f[..., 4:])
+    assert not vis_b[..., :4].any() and not inv_f[..., :4].any()
+    assert torch.equal(pairs["whole f;b"][0], f) and torch.equal(pairs["whole f;b"][1], b)
 
 
 def test_mine_on_a_tiny_run_writes_results(tiny_run):

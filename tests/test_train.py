@@ -9,19 +9,22 @@ import pytest
 import torch
 
 import ilsgan
-from conftest import ROOT
+from conftest import ROOT, run_script
 
 
-def first_losses(seed):
-    cfg = ilsgan.make_config("tiny", seed=seed)
-    s = ilsgan.State(cfg, torch.device("cpu"))
-    torch.manual_seed(seed)
+def first_steps(steps=2, data_seed=0, ada_p=None, **overrides):
+    """The statistics of a tiny run's first `steps` training steps on random images (seeded)."""
+    cfg = ilsgan.make_config("tiny", **overrides)
+    state = ilsgan.State(cfg, torch.device("cpu"))
+    if ada_p is not None:
+        state.ada_p = torch.tensor(ada_p)
+    torch.manual_seed(data_seed)
     x = torch.rand(cfg.batch, 3, cfg.resolution, cfg.resolution) * 2 - 1
-    return [ilsgan.train_step(s, x, cfg) for _ in range(2)]
+    return [ilsgan.train_step(state, x, cfg) for _ in range(steps)]
 
 
 def test_same_seed_gives_the_same_first_losses():
-    a, b, c = first_losses(0), first_losses(0), first_losses(1)
+    a, b, c = first_steps(seed=0), first_steps(seed=0), first_steps(seed=1, data_seed=1)
     assert [r["loss_G"].item() for r in a] == [r["loss_G"].item() for r in b]
     assert [r["loss_D"].item() for r in a] == [r["loss_D"].item() for r in b]
     assert a[0]["loss_G"].item() != c[0]["loss_G"].item()
@@ -80,17 +83,12 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_checkpoint(tiny_run, 
     assert (run / "checkpoint.pt").read_bytes() == before
 
 
-def run_cli(args, cwd):
-    return subprocess.run([sys.executable, str(ROOT / "ilsgan.py"), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=300)
-
-
 @pytest.mark.slow
 def test_cli_trains_tiny_and_resumes(tmp_path):
-    r = run_cli(["--preset", "tiny", "--out", str(tmp_path / "run"), "--device", "cpu"], tmp_path)
+    r = run_script("--preset", "tiny", "--out", str(tmp_path / "run"), "--device", "cpu", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "run" / "checkpoint.pt").exists() and "precision off (a CPU" in r.stdout  # --amp auto, and why
-    r = run_cli(["--resume", str(tmp_path / "run"), "--kimg", "0.2"], tmp_path)
+    r = run_script("--resume", str(tmp_path / "run"), "--kimg", "0.2", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "resumed at 0.1 kimg" in r.stdout
     _, ckpt = ilsgan.load_checkpoint(tmp_path / "run")
@@ -116,7 +114,7 @@ def test_torchrun_two_processes_train_in_step(tmp_path):
 @pytest.mark.slow
 def test_cli_help_lists_every_config_field_with_its_comment(tmp_path):
     import dataclasses
-    r = run_cli(["--help"], tmp_path)
+    r = run_script("--help", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     text = " ".join(r.stdout.split())  # argparse wraps long help lines
     for f in dataclasses.fields(ilsgan.Config):
@@ -127,7 +125,7 @@ def test_cli_help_lists_every_config_field_with_its_comment(tmp_path):
 
 @pytest.mark.slow
 def test_cli_missing_resume_is_a_clear_error(tmp_path):
-    r = run_cli(["--resume", str(tmp_path / "nothing")], tmp_path)
+    r = run_script("--resume", str(tmp_path / "nothing"), cwd=tmp_path)
     assert r.returncode != 0 and "no checkpoint at" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -245,14 +243,7 @@ def test_mixed_precision_gives_the_losses_of_full_precision(amp):
     """The networks' convolutions in reduced precision, everything that mixed precision would spoil
     (mapping, demodulation, D's 4x4 epilogue, the losses, ADA, R1) in float32: the first steps'
     losses agree with float32 to a few per cent, and stay finite."""
-    def losses(amp):
-        cfg = ilsgan.make_config("tiny", amp=amp)
-        state = ilsgan.State(cfg, torch.device("cpu"))
-        state.ada_p = torch.tensor(0.2)
-        torch.manual_seed(1)
-        x = torch.rand(cfg.batch, 3, cfg.resolution, cfg.resolution) * 2 - 1
-        return [ilsgan.train_step(state, x, cfg) for _ in range(3)]
-    full, mixed = losses("off"), losses(amp)
+    full, mixed = (first_steps(3, data_seed=1, ada_p=0.2, amp=a) for a in ("off", amp))
     for a, b in zip(full, mixed):
         for k in ("loss_G", "loss_adv", "loss_D", "loss_ils", "mask_area"):
             assert torch.isfinite(b[k]) and abs(a[k].item() - b[k].item()) < 0.05 * abs(a[k].item()) + 2e-3, (k, a[k], b[k])
@@ -355,14 +346,7 @@ def test_compiled_generator_trains_as_the_eager_one():
     pytest.importorskip("torch._inductor")
     if shutil.which(os.environ.get("CXX", "g++")) is None:
         pytest.skip("torch.compile on a CPU needs a C++ compiler")
-
-    def losses(compile):
-        cfg = ilsgan.make_config("tiny", compile=compile)
-        state = ilsgan.State(cfg, torch.device("cpu"))
-        torch.manual_seed(3)
-        x = torch.rand(cfg.batch, 3, cfg.resolution, cfg.resolution) * 2 - 1
-        return [ilsgan.train_step(state, x, cfg) for _ in range(2)]
-    eager, compiled = losses(False), losses(True)
+    eager, compiled = (first_steps(data_seed=3, compile=c) for c in (False, True))
     for a, b in zip(eager, compiled):
         for k in ("loss_G", "loss_D", "loss_ils", "mask_area"):
             torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)

@@ -84,9 +84,18 @@ def test_unet_smoke_fit_on_a_tiny_checkpoint_writes_results(tiny_run):
 
 
 def test_128px_runs_segment_at_64_and_upsample_logits():
-    net = unet_eval.UNet(4)
-    pred = unet_eval.predict(net, torch.randn(3, 3, 64, 64), out_res=128)
-    assert pred.shape == (3, 128, 128) and pred.dtype == torch.bool
+    """The official 128 px protocol: logits computed at 64 px, upsampled x2 (bilinear) before the argmax.
+    Hand-made: one foreground logit of +1 at pixel (10, 10) of 64x64 becomes positive on the 4x4 block
+    19..22 of 128x128 (bilinear spreads it); nearest upsampling of the labels would give the 2x2 block 20..21."""
+    class Spike(torch.nn.Module):
+        def forward(self, x):
+            logits = torch.zeros(x.shape[0], 2, *x.shape[2:])
+            logits[:, 1, 10, 10] = 1.0
+            return logits
+    pred = unet_eval.predict(Spike(), torch.zeros(2, 3, 64, 64), out_res=128)
+    expect = torch.zeros(2, 128, 128, dtype=torch.bool)
+    expect[:, 19:23, 19:23] = True
+    assert pred.shape == (2, 128, 128) and torch.equal(pred, expect)
 
 
 @pytest.mark.slow
