@@ -24,10 +24,11 @@ Contents. The lesson, in the paper's order:
     5. Discriminator                   11. Sampling
     6. ADA-lite (differentiable augmentation)
 The lesson ends here. Appendix, plumbing you may skip:
-    A. The synthetic benchmark's renderer    E. Device, precision, the optimiser step
-    B. Datasets on disk, decoded once        F. Several processes (torchrun)
-    C. FID                                   G. Guards: input checks, one run per folder, interrupts
-    D. A run: folder, logs, checkpoints      H. Flags and the command line, main()
+    A. The synthetic benchmark's renderer    F. Device, precision, the optimiser step
+    B. Datasets on disk, decoded once        G. Several processes (torchrun)
+    C. FID                                   H. Guards: input checks, one run per folder, interrupts
+    D. A run: folder, logs, checkpoints      I. Flags and the command line, main()
+    E. The report page (report.html)
 
 Left out on purpose (and why):
     - custom CUDA ops (bias_act, upfirdn2d, grid_sample_gradfix): plain PyTorch ops do the same
@@ -39,14 +40,15 @@ Where this file differs from the official code (qrzou/ILSGAN), file by file: REA
 from the official code". Tags in the code: `official:` (in the official code, not in the paper) and
 `ours:` (our own choice, with its reason).
 
-Size: the lesson (sections 1-11) is 529 lines of code, comments and docstrings not counted; the
-whole file 1482.
+Size: the lesson (sections 1-11) is 533 lines of code, comments and docstrings not counted; the
+whole file 1679.
 """
 import argparse
 import contextlib
 import copy
 import dataclasses
 import inspect
+import html
 import json
 import math
 import os
@@ -758,12 +760,14 @@ class State:
         self.ada_sum, self.ada_n = torch.zeros([], device=device), 0  # sum and count of sign(D(x_real))
         self.nimg, self.step = 0, 0  # images shown to D (over all processes), iterations done
         self.loss_ref = None  # ours: the first logged adversarial losses, for the divergence watch
+        self.seconds = 0.0  # of training so far, over all sessions of the run
 
     def state_dict(self):
         return dict(G=self.G.state_dict(), D=self.D.state_dict(), G_ema=self.G_ema.state_dict(),
                     opt_G=self.opt_G.state_dict(), opt_D=self.opt_D.state_dict(),
                     scaler_G=self.scaler_G.state_dict(), scaler_D=self.scaler_D.state_dict(), ada_p=self.ada_p,
-                    ada_sum=self.ada_sum, ada_n=self.ada_n, nimg=self.nimg, step=self.step, loss_ref=self.loss_ref)
+                    ada_sum=self.ada_sum, ada_n=self.ada_n, nimg=self.nimg, step=self.step, loss_ref=self.loss_ref,
+                    seconds=self.seconds)
 
     def load_state_dict(self, sd):
         """The saved networks, moments and progress; the optimisers' settings (lr, betas) stay this
@@ -777,7 +781,7 @@ class State:
                 st["step"] = st["step"].to(p.device, torch.float32)
         dev = self.ada_p.device
         self.ada_p, self.ada_sum, self.ada_n = sd["ada_p"].to(dev), sd["ada_sum"].to(dev), sd["ada_n"]
-        self.nimg, self.step, self.loss_ref = sd["nimg"], sd["step"], sd.get("loss_ref")
+        self.nimg, self.step, self.loss_ref, self.seconds = sd["nimg"], sd["step"], sd.get("loss_ref"), sd.get("seconds", 0.0)
 
 
 def train_step(state, x_real, cfg):
@@ -851,6 +855,7 @@ def train_step(state, x_real, cfg):
 
     # ADA: p follows r_t = E[sign(D(x_real))] toward the target
     signs = torch.cat(signs)  # [B] or [2B]
+    stats["ada_rt"] = signs.mean()  # r_t of this step, for the log
     state.ada_sum, state.ada_n = state.ada_sum + signs.sum(), state.ada_n + signs.numel()
     if cfg.augment and state.step % cfg.ada_interval == 0:
         r_t = all_mean(state.ada_sum.clone()) / state.ada_n  # every process counts the same number
@@ -1495,7 +1500,10 @@ class Run:
         if self.writer:
             for log in ("stats.jsonl", "fid.jsonl"):  # what was logged after the checkpoint is logged again
                 cut_log(out / log, state.nimg / 1000)
-            write_json(out / "config.json", dict(dataclasses.asdict(cfg), run_id=state.run_id))
+            workers = f"{n_proc} processes" if n_proc > 1 else f"{torch.get_num_threads()} threads"
+            about = dict(device=str(dev) + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else ""),
+                         workers=workers, code=code_version(), torch=torch.__version__)
+            write_json(out / "config.json", dict(dataclasses.asdict(cfg), run_id=state.run_id, about=about))
             n_g, n_d = (sum(p.numel() for p in net.parameters()) for net in (state.G, state.D))
             print(f"G {n_g / 1e6:.2f} M parameters (fg + bg), D {n_d / 1e6:.2f} M | {len(self.data)} training images "
                   f"at {cfg.resolution}px | device {dev}" + (f" x {n_proc} processes" if n_proc > 1 else "")
@@ -1503,7 +1511,7 @@ class Run:
         self.grid_z = torch.randn(8, cfg.z_dim, generator=torch.Generator().manual_seed(cfg.seed)).to(dev)
         self.fid_net = inception_network(dev) if cfg.fid_n > 0 and self.writer else None  # official: FID at every snapshot
         self.real_stats = real_fid_stats(self.fid_net, self.data, cfg) if self.fid_net is not None else None
-        self.total, self.acc, self.t0, self.n0 = int(cfg.kimg * 1000), {}, time.time(), state.nimg
+        self.total, self.acc, self.t0, self.n0, self.s0 = int(cfg.kimg * 1000), {}, time.time(), state.nimg, state.seconds
         self.bar = tqdm(total=self.total, initial=min(state.nimg, self.total), unit="img", unit_scale=True,
                         dynamic_ncols=True, disable=not self.writer)
         self.exit.callback(self.bar.close)
@@ -1519,9 +1527,10 @@ class Run:
         if not (log_now or done or crossed(state.nimg, cfg.batch, cfg.snap_kimg)):
             return
         rec = read_stats(self.acc)  # the loop's one wait for the device
+        state.seconds = self.s0 + time.time() - self.t0
         stop_if_lost(rec, state, cfg, self.kept, self.out)  # before any checkpoint is written
         if self.writer and log_now:
-            rec.update(kimg=state.nimg / 1000, step=state.step, sec=time.time() - self.t0,
+            rec.update(kimg=state.nimg / 1000, step=state.step, sec=time.time() - self.t0, train_sec=state.seconds,
                        kimg_per_s=(state.nimg - self.n0) / 1000 / (time.time() - self.t0),
                        flags=collapse_flags(rec, state.loss_ref, cfg.diverge_flag))
             with open(self.out / "stats.jsonl", "a") as fh:
@@ -1538,6 +1547,10 @@ class Run:
             self.kept = self.state.nimg / 1000
             if message:
                 self.bar.write(message)
+            try:  # a report that cannot be written must not end hours of training
+                write_report(self.out)
+            except Exception as e:
+                self.bar.write(f"report.html not written: {type(e).__name__}: {e}")
 
     def __exit__(self, kind, exc, tb):
         if isinstance(exc, Interrupt) and exc.where is None:
@@ -1593,6 +1606,8 @@ def snapshot(state, cfg, out, grid_z, fid_net, real_stats):
     """The fixed-z grid and the checkpoint; with FID on, its value, keeping the lowest-FID
     checkpoint as best.pt (official: the run's result). Returns a line to print, or None."""
     save_grid(state.G_ema, grid_z, out / f"grid-{state.nimg / 1000:09.3f}kimg.png")
+    rows = ("x", "f_hidden", "b_hidden")
+    save_rows(grid_rows(state.G_ema, grid_z, rows), [ROW_NAMES[r] for r in rows], out / "hidden.png")
     save_checkpoint(out / "checkpoint.pt", state, cfg)
     if fid_net is None:
         return None
@@ -1603,17 +1618,6 @@ def snapshot(state, cfg, out, grid_z, fid_net, real_stats):
         shutil.copyfile(out / "checkpoint.pt", out / f"best.pt.{os.getpid()}.tmp")
         os.replace(out / f"best.pt.{os.getpid()}.tmp", out / "best.pt")
     return f"kimg {state.nimg / 1000:.1f}: FID {value:.2f} (best {min(earlier + [value]):.2f})"
-
-
-@torch.no_grad()
-def save_grid(G, z, path):
-    """Rows: background / foreground / composite / mask (the paper's Fig. 3)."""
-    from torchvision.utils import save_image
-    with torch.random.fork_rng(devices=[z.device] if z.device.type == "cuda" else []):
-        torch.manual_seed(0)  # noise inputs: fixed, and the training RNG is left untouched
-        f, b, m = G(z)
-    rows = torch.cat([b, f, composite(f, b, m), m.expand(-1, 3, -1, -1) * 2 - 1])
-    save_image((rows.float().clamp(-1, 1) + 1) / 2, path, nrow=z.shape[0], padding=1, pad_value=1)
 
 
 CHECKPOINT_FORMAT = 2  # the layout of checkpoint.pt; one of another format is refused, with the reason
@@ -1722,9 +1726,7 @@ def write_results(run_dir, section, values):
 
 def write_json(path, value):
     """Atomically: a killed write leaves the previous file."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(value, indent=2))
-    os.replace(tmp, path)
+    write_text(path, json.dumps(value, indent=2))
 
 
 @contextlib.contextmanager
@@ -1737,6 +1739,8 @@ def scoring(run_dir, section, what):
         read_results(run_dir)
         try:
             yield
+            if (Path(run_dir) / "config.json").is_file():
+                write_report(run_dir)
         except Interrupt as e:
             if e.where is None:
                 e.where = f"{what} of {run_dir}"
@@ -1745,7 +1749,239 @@ def scoring(run_dir, section, what):
 
 
 # ----------------------------------------------------------------------------------------------
-# E. Device, precision and the optimiser step
+# E. The report page: a run at a glance (report.html; inline SVG and CSS, no JavaScript, no network)
+# ----------------------------------------------------------------------------------------------
+
+ROW_NAMES = dict(b="background", f="foreground", x="composite", m="mask", f_hidden="f hidden: f(1-m)",
+                 b_hidden="b hidden: b m")
+
+
+@torch.no_grad()
+def grid_rows(G, z, rows=("b", "f", "x", "m")):
+    """Rows of images in [-1, 1], [n,3,H,W] each, for the latents z: b, f, x (the composite), m (black
+    to white), and the regions the composite hides (Eq. 10), f_hidden = f(1-m) and b_hidden = b m,
+    grey where they are visible. The noise is fixed and the caller's RNG left untouched."""
+    with torch.random.fork_rng(devices=[z.device] if z.device.type == "cuda" else []):
+        torch.manual_seed(0)
+        f, b, m = G(z)
+    parts = dict(b=b, f=f, x=composite(f, b, m), m=m.expand(-1, 3, -1, -1) * 2 - 1, f_hidden=f * (1 - m), b_hidden=b * m)
+    return [parts[r].float().clamp(-1, 1).cpu() for r in rows]
+
+
+def save_rows(rows, names, path, cell=64):
+    """Rows of images [n,3,h,w] in [-1, 1] -> one PNG, written atomically: every cell upscaled
+    (nearest) to `cell` px or more, every row named on its left."""
+    from PIL import Image, ImageDraw
+    n, _, h, w = rows[0].shape
+    k, pad, left = max(1, -(-cell // h)), 2, 110
+    canvas = Image.new("RGB", (left + n * (w * k + pad), len(rows) * (h * k + pad) + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, (images, name) in enumerate(zip(rows, names)):
+        y = pad + r * (h * k + pad)
+        draw.text((4, y + h * k // 2 - 6), name, fill="black")
+        pixels = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        for i in range(n):
+            canvas.paste(Image.fromarray(pixels[i]).resize((w * k, h * k), Image.NEAREST), (left + i * (w * k + pad), y))
+    tmp = Path(path).with_name(f"{Path(path).name}.{os.getpid()}.tmp")
+    canvas.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def save_grid(G, z, path):
+    """The paper's Fig. 3 for the fixed latents z: rows background, foreground, composite, mask."""
+    save_rows(grid_rows(G, z), [ROW_NAMES[r] for r in ("b", "f", "x", "m")], path)
+
+
+def svg_chart(title, series, ylabel, vlines=(), hlines=(), marks=(), width=560, height=230):
+    """A line chart as inline SVG: series {name: [(kimg, value), ...]}; vlines and hlines (value, label)
+    dashed; marks (kimg, label) red ticks on the x axis. The axes' ranges are on the <svg> (data-x0 ..
+    data-y1) and every line names its series (data-series), so the points can be read back."""
+    pts = [p for ps in series.values() for p in ps if math.isfinite(p[1])]
+    if not pts:
+        return f'<figure><figcaption>{title}: nothing logged yet</figcaption></figure>'
+    x0, x1 = 0.0, max([p[0] for p in pts] + [v for v, _ in vlines] + [1e-9])
+    y0 = min([p[1] for p in pts] + [v for v, _ in hlines])
+    y1 = max([p[1] for p in pts] + [v for v, _ in hlines])
+    y0, y1 = (y0 - 0.5, y1 + 0.5) if y1 - y0 < 1e-12 else (y0 - 0.05 * (y1 - y0), y1 + 0.05 * (y1 - y0))
+    L, R, T, B = 56, width - 10, 24, height - 34
+
+    def px(x, y):
+        return f"{L + (x - x0) / (x1 - x0) * (R - L):.2f},{B - (y - y0) / (y1 - y0) * (B - T):.2f}"
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"]
+    out = [f'<svg viewBox="0 0 {width} {height}" role="img" aria-label="{html.escape(title)}" data-x0="{x0!r}" '
+           f'data-x1="{x1!r}" data-y0="{y0!r}" data-y1="{y1!r}" data-left="{L}" data-right="{R}" data-top="{T}" '
+           f'data-bottom="{B}">', f'<text x="{L}" y="14" class="title">{html.escape(title)}</text>',
+           f'<line x1="{L}" y1="{B}" x2="{R}" y2="{B}" class="axis"/><line x1="{L}" y1="{T}" x2="{L}" y2="{B}" class="axis"/>']
+    for i in range(5):  # ticks
+        xv, yv = x0 + (x1 - x0) * i / 4, y0 + (y1 - y0) * i / 4
+        xs, ys = px(xv, y0).split(",")[0], px(x0, yv).split(",")[1]
+        anchor = "start" if i == 0 else "end" if i == 4 else "middle"
+        out += [f'<text x="{xs}" y="{B + 14}" class="tick" text-anchor="{anchor}">{xv:.4g}</text>',
+                f'<text x="{L - 4}" y="{ys}" class="tick" text-anchor="end">{yv:.3g}</text>']
+    out += [f'<text x="{(L + R) / 2}" y="{height - 4}" class="label" text-anchor="middle">kimg (thousands of real images shown to D)</text>',
+            f'<text x="12" y="{(T + B) / 2}" class="label" text-anchor="middle" transform="rotate(-90 12 {(T + B) / 2})">{html.escape(ylabel)}</text>']
+    for v, label in vlines:
+        x = px(v, y0).split(",")[0]
+        out.append(f'<line x1="{x}" y1="{T}" x2="{x}" y2="{B}" class="ref"/><text x="{x}" y="{T + 10}" class="tick">'
+                   f' {html.escape(label)}</text>')
+    for v, label in hlines:
+        y = px(x0, v).split(",")[1]
+        out.append(f'<line x1="{L}" y1="{y}" x2="{R}" y2="{y}" class="ref"/><text x="{R}" y="{float(y) - 3}" '
+                   f'class="tick" text-anchor="end">{html.escape(label)}</text>')
+    for (name, ps), colour in zip(series.items(), colours):
+        ps = [p for p in ps if math.isfinite(p[1])]
+        out.append(f'<polyline data-series="{name}" fill="none" stroke="{colour}" stroke-width="1.5" '
+                   f'points="{" ".join(px(*p) for p in ps)}"><title>{name}</title></polyline>')
+        if len(ps) <= 3:  # too few points for a line to show
+            out += [f'<circle cx="{px(*p).split(",")[0]}" cy="{px(*p).split(",")[1]}" r="3" fill="{colour}"/>' for p in ps]
+    for v, label in marks:
+        x = px(v, y0).split(",")[0]
+        out.append(f'<line x1="{x}" y1="{B}" x2="{x}" y2="{B - 8}" class="flag" data-flag="{html.escape(label)}">'
+                   f'<title>{html.escape(label)} at {v:g} kimg</title></line>')
+    legend = "".join(f'<span style="color:{c}">&#9632; {n}</span> ' for n, c in zip(series, colours))
+    return f'<figure>{"".join(out)}</svg><figcaption>{legend}</figcaption></figure>'
+
+
+REPORT_CSS = """body{font:15px/1.45 system-ui,sans-serif;max-width:1180px;margin:1.5em auto;padding:0 1em;color:#222}
+h1{font-size:1.5em}h2{font-size:1.15em;margin-top:1.6em;border-bottom:1px solid #ccc}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left;vertical-align:top}
+.charts{display:grid;grid-template-columns:repeat(auto-fit,minmax(520px,1fr));gap:1em}
+figure{margin:0;break-inside:avoid}svg{width:100%;height:auto;background:#fff}img{max-width:100%;image-rendering:pixelated}
+.title{font-weight:600;font-size:13px}.tick{font-size:10px;fill:#555}.label{font-size:11px}
+.axis{stroke:#333}.ref{stroke:#888;stroke-dasharray:4 3}.flag{stroke:#d00;stroke-width:2}
+dl{display:grid;grid-template-columns:max-content 1fr;gap:.1em 1em}dt{font-weight:600}dd{margin:0}
+@media print{.charts{grid-template-columns:1fr 1fr}body{max-width:none}}"""
+
+
+def read_log(path):
+    """A JSON-lines log as a list of records; a torn line (a killed write) is left out."""
+    if not Path(path).is_file():
+        return []
+    out = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
+def code_version():
+    """The commit of this file's git checkout (+dirty when changed), or 'unknown'."""
+    import subprocess
+    git = ["git", "-C", str(Path(__file__).resolve().parent)]
+    try:
+        commit = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (commit or "unknown") + ("+dirty" if commit and dirty.strip() else "")
+
+
+def write_report(run_dir):
+    """report.html in the run folder, from the files beside it (config.json, stats.jsonl, fid.jsonl,
+    results.json, the grids): the run's header, the closing table, the curves, the grids (latest first),
+    the hidden regions and the segmentation overlay. Written atomically; returns its path."""
+    run_dir = Path(run_dir)
+    saved = json.loads((run_dir / "config.json").read_text())
+    cfg = Config(**{f.name: saved[f.name] for f in dataclasses.fields(Config) if f.name in saved})
+    about = saved.get("about", {})
+    stats, fids = read_log(run_dir / "stats.jsonl"), read_log(run_dir / "fid.jsonl")
+    try:
+        results = read_results(run_dir)
+    except InputError as e:
+        results = {"unreadable": str(e)}
+    last = stats[-1] if stats else {}
+    preset = preset_name(cfg, PRESETS)
+    chosen, why = choose_preset(cfg.dataset, about.get("device", cfg.device), cfg.resolution)
+    h = html.escape
+    header = [("preset", f"{preset} ({why if preset == chosen else 'given, or flags on top of a preset'})"),
+              ("dataset", f"{cfg.dataset}" + (f" at {cfg.data_root}" if cfg.data_root else "") + f", {cfg.resolution} px"),
+              ("progress", f"{last.get('kimg', 0):g} of {cfg.kimg:g} kimg" + (f", step {last.get('step', '?')}" if last else "")),
+              ("device", f"{about.get('device', cfg.device)}, {about.get('workers', '?')}, precision {cfg.amp}"),
+              ("code", f"{about.get('code', '?')}, torch {about.get('torch', '?')}"),
+              ("time", f"{last.get('train_sec', last.get('sec', 0)) / 60:.1f} min of training, "
+                       f"{last.get('kimg_per_s', 0) * 1000:.1f} img/s at the last log step" if last else "not started")]
+    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>ILSGAN run {h(run_dir.name)}</title>"
+             f"<style>{REPORT_CSS}</style></head><body><h1>ILSGAN run <code>{h(str(run_dir))}</code></h1>",
+             "<dl>" + "".join(f"<dt>{h(k)}</dt><dd>{h(v)}</dd>" for k, v in header) + "</dl>",
+             report_table(results, fids)]
+    col = {k: [(r["kimg"], r[k]) for r in stats if isinstance(r.get(k), (int, float))] for k in
+           ("loss_G", "loss_D", "loss_adv", "loss_ils", "w_ils", "ada_p", "ada_rt", "mask_area", "mask_binary", "r1")}
+    flags = [(r["kimg"], " ".join(r["flags"])) for r in stats if r.get("flags")]
+    warmup = [(cfg.ils_warmup * cfg.kimg, "ILS warm-up ends")]
+    charts = [svg_chart("Losses", dict(loss_G=col["loss_G"], loss_D=col["loss_D"], loss_adv=col["loss_adv"]),
+                        "loss (nats)", marks=flags),
+              svg_chart("ILS, Eq. (12), and its weight", dict(loss_ils=col["loss_ils"], w_ils=col["w_ils"]),
+                        "nats; weight", vlines=warmup, marks=flags),
+              svg_chart("ADA: p, and r_t = E[sign D(x_real)] against its target", dict(ada_p=col["ada_p"], ada_rt=col["ada_rt"]),
+                        "probability; r_t", hlines=[(cfg.ada_target, f"target {cfg.ada_target:g}")], marks=flags),
+              svg_chart("The masks: mean area against eta, binarisation", dict(mask_area=col["mask_area"],
+                        mask_binary=col["mask_binary"]), "fraction of the image", hlines=[(cfg.eta, f"eta {cfg.eta:g}")],
+                        marks=flags),
+              svg_chart("R1, the gradient penalty", dict(r1=col["r1"]), "squared gradient norm")]
+    if fids:
+        charts.append(svg_chart("FID", dict(fid=[(r["kimg"], r["fid"]) for r in fids]), "FID (lower is better)"))
+    parts += ["<h2>Curves</h2><p>Means over each log step; red ticks on the x axis: the collapse watch's flags"
+              " (hover for their names).</p>", f"<div class='charts'>{''.join(charts)}</div>"]
+    if (run_dir / "segmentation.png").is_file():
+        parts += ["<h2>Segmentation</h2><p>Test images, with the U-Net's predicted outlines in "
+                  "<b style='color:#d00'>red</b> and the true ones in <b style='color:#080'>green</b>.</p>",
+                  "<img src='segmentation.png' alt='segmentation overlay'>"]
+    if (run_dir / "hidden.png").is_file():
+        parts += ["<h2>What each layer hides</h2><p>For the grid's latents: the composite, and the parts of f "
+                  "and b it hides (Eq. 10), grey where visible. An echo of the object in b's hidden part is the "
+                  "leakage ILS removes.</p>", "<img src='hidden.png' alt='hidden regions'>"]
+    grids = sorted(run_dir.glob("grid-*.png"), reverse=True)
+    parts.append("<h2>Grids of fixed latents, latest first</h2>" + "".join(
+        f"<figure><figcaption>{float(g.stem[5:-4]):g} kimg</figcaption><img src='{h(g.name)}' "
+        f"alt='grid {h(g.stem)}'></figure>" for g in grids))
+    write_text(run_dir / "report.html", "".join(parts) + "</body></html>\n")
+    return run_dir / "report.html"
+
+
+def report_table(results, fids):
+    """The closing table as HTML, one sentence per figure; empty until the evaluations have run."""
+    seg, mi = results.get("segmentation"), results.get("mi")
+    if not (seg or mi or fids):
+        return "<h2>Scores</h2><p>Not yet: the U-Net and MINE score the run after training.</p>"
+    rows = []
+    if seg:
+        rows.append(("ILSGAN &rarr; U-Net", f"{seg['test']['iou']:.3f} / {seg['test']['dice']:.3f}",
+                     f"IoU / DICE per test image, averaged over {seg['n_test']}: a U-Net trained only on generated pairs "
+                     "segments real images this well"))
+        for name, b in seg["baselines"].items():
+            rows.append((f"baseline: {name}", f"{b['iou']:.3f} / {b['dice']:.3f}", "what a segmenter that learnt nothing scores"))
+    if "oracle" in results:
+        o = results["oracle"]["test"]
+        rows.append(("ceiling: U-Net on real masks", f"{o['iou']:.3f} / {o['dice']:.3f}", "the most this U-Net and protocol can reach"))
+    if mi:
+        n = mi["nats"]
+        rows += [("MI vis fg ; hidden bg", f"{n['vis_fg;inv_bg']:.3f} nats", "what the background hidden under the object "
+                  "knows of the visible object (MINE); ILS lowers it"),
+                 ("MI vis bg ; hidden fg", f"{n['vis_bg;inv_fg']:.3f} nats", "what the foreground's hidden part knows of the visible background"),
+                 ("MI sum, Eq. (11)", f"{n['sum (Eq. 11)']:.3f} nats", "the quantity L_ILS bounds"),
+                 ("MI whole layers", f"{n['whole f;b']:.3f} nats", "f and b as wholes (Table 3 row E minimises it)")]
+    if fids:
+        best = min(fids, key=lambda r: r["fid"])
+        rows.append(("FID", f"{best['fid']:.2f} at {best['kimg']:g} kimg", f"the best snapshot's, on {best['n']} samples (lower is better)"))
+    if "unreadable" in results:
+        rows.append(("results.json", "unreadable", html.escape(results["unreadable"])))
+    return ("<h2>Scores</h2><table><tr><th>measure</th><th>value</th><th>what it means</th></tr>"
+            + "".join(f"<tr><td>{a}</td><td>{b}</td><td>{c}</td></tr>" for a, b, c in rows) + "</table>")
+
+
+def write_text(path, text):
+    """Atomically: a killed write leaves the previous file."""
+    tmp = Path(path).with_name(f"{Path(path).name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# F. Device, precision and the optimiser step
 # ----------------------------------------------------------------------------------------------
 
 
@@ -1842,7 +2078,7 @@ class GridSampleBackward(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------------------------
-# F. Several processes: `torchrun --nproc_per_node N ilsgan.py ...` (data parallel, as StyleGAN2-ADA:
+# G. Several processes: `torchrun --nproc_per_node N ilsgan.py ...` (data parallel, as StyleGAN2-ADA:
 # every process holds the same networks, draws batch / N of its own images and latents, and the
 # gradients are averaged before every optimiser step; process 0 logs and writes the run folder)
 # ----------------------------------------------------------------------------------------------
@@ -1902,7 +2138,7 @@ def assert_in_step(G):
 
 
 # ----------------------------------------------------------------------------------------------
-# G. Guards: what was given is checked before any work, and a run folder belongs to one run
+# H. Guards: what was given is checked before any work, and a run folder belongs to one run
 # ----------------------------------------------------------------------------------------------
 
 
@@ -1994,7 +2230,7 @@ def require_memory(need, dev, flags):
 
 
 RUN_FILES = ("config.json", "stats.jsonl", "checkpoint.pt", "best.pt", "fid.jsonl", "results.json", "segmentation.png",
-             "oracle.png", "grid-*.png")
+             "oracle.png", "grid-*.png", "hidden.png", "report.html")
 
 
 @contextlib.contextmanager
@@ -2127,7 +2363,7 @@ def error_boundary(body, again):
 
 
 # ----------------------------------------------------------------------------------------------
-# H. Flags and the command line
+# I. Flags and the command line
 # ----------------------------------------------------------------------------------------------
 
 
@@ -2269,6 +2505,8 @@ def main(argv=None):
                 unet_eval.evaluate(unet_eval.make_config(cfg.eval_preset, ckpt=str(out[0]), device=dev))
                 mine.evaluate(mine.make_config(cfg.eval_preset, ckpt=str(out[0]), device=dev))
             unet_eval.print_closing_table(out[0])
+        if rank == 0:
+            print(f"report: {write_report(out[0])}")
     try:
         return error_boundary(body, again)
     finally:

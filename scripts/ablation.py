@@ -3,6 +3,7 @@
     python scripts/ablation.py                              # every variant over its seeds, 2 runs at a time
     python scripts/ablation.py --variants full no-ils --seeds 0 1 2 --jobs 2
     python scripts/ablation.py --table-only                 # tabulate what exists
+    python scripts/ablation.py --report --out docs/ablation  # a page: the table, the paired dot plot, the grids
     python scripts/ablation.py --variants full --seeds 0 1 2 3 4 --per-run   # the default job over seeds, run by run
     python scripts/ablation.py --variant lr4="--lr 0.004" --variants full lr4 --seeds 0 1 2   # a variant of your own
     python scripts/ablation.py --mine-spread runs/ablation/full-seed0   # MINE's own spread on one checkpoint
@@ -58,10 +59,7 @@ def machine():
     seed only on one of these, so the table says which it drew from."""
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), None) if Path("/proc/cpuinfo").is_file() else None
-    git = ["git", "-C", str(ROOT)]
-    commit = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout
-    return dict(cpu=cpu or "unknown", torch=torch.__version__, threads=1, code=(commit or "unknown") + ("+dirty" if dirty else ""))
+    return dict(cpu=cpu or "unknown", torch=torch.__version__, threads=1, code=ilsgan.code_version())
 
 
 def run_all(runs, jobs, common):
@@ -236,17 +234,78 @@ def mask_share(runs, seed=0, preset="cpu"):
 
 
 def hidden_grid(runs, path, n=8):
-    """What each layer hides (Eq. 10): per run, rows f, f_inv = f*(1-m), b, b_inv = b*m for the same
-    n latents; hidden regions are drawn on grey. Leakage shows as the object echoed in b_inv."""
-    from torchvision.utils import save_image
-    rows = []
+    """What each layer hides (Eq. 10): per run, rows f, f_hidden = f(1-m), b, b_hidden = b m for the
+    same n latents (ilsgan.grid_rows); hidden regions are drawn on grey. Leakage shows as the object
+    echoed in b's hidden part."""
+    rows, names = [], []
     for run in runs:
         _, G, _ = ilsgan.load_generator(ilsgan.find_checkpoint(run, best=True), "cpu")
-        s = next(ilsgan.sample(G, n, batch=n, seed=0))
-        f, b, m = s["f"], s["b"], s["m"]
-        rows += [f, f * (1 - m), b, b * m]  # 0 (grey after the mapping below) where the region is visible
-    save_image((torch.cat(rows).clamp(-1, 1) + 1) / 2, path, nrow=n, padding=1, pad_value=1)
+        z = torch.randn(n, G.z_dim, generator=torch.Generator().manual_seed(0))
+        rows += ilsgan.grid_rows(G, z, ("f", "f_hidden", "b", "b_hidden"))
+        names += [f"{Path(run).name}: {ilsgan.ROW_NAMES[r]}" for r in ("f", "f_hidden", "b", "b_hidden")]
+    ilsgan.save_rows(rows, names, path)
     print(f"wrote {path}: per run ({', '.join(map(str, runs))}) rows f, hidden f, b, hidden b")
+
+
+def dot_plot(out, variants, seeds_of):
+    """The paired per-seed differences against `full` (IoU: higher is better; region-MI sum: lower is
+    better) as an SVG dot plot: one row per variant, one dot per seed, the zero line dashed."""
+    got = {v: {s: scores(out / f"{v}-seed{s}") for s in seeds_of(v)} for v in variants}
+    full = {s: r for s, r in got.get("full", {}).items() if r}
+    rows = [v for v in variants if v != "full" and any(r and s in full for s, r in got[v].items())]
+    W, row_h, left, panel = 900, 26, 130, 360
+    H = 60 + row_h * len(rows)
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">']
+    for j, (key, title, span) in enumerate([("iou", "test IoU, variant - full (higher: better)", 0.12),
+                                             ("sum (Eq. 11)", "region-MI sum, variant - full (lower: better), nats", 1.2)]):
+        x0 = left + j * (panel + 40)
+        zero = x0 + panel / 2
+        parts += [f'<text x="{x0}" y="16" font-weight="bold">{title}</text>',
+                  f'<line x1="{zero}" y1="24" x2="{zero}" y2="{H - 24}" stroke="#888" stroke-dasharray="4 3"/>',
+                  f'<text x="{x0}" y="{H - 8}" fill="#555">-{span:g}</text><text x="{x0 + panel}" y="{H - 8}" '
+                  f'text-anchor="end" fill="#555">+{span:g}</text><text x="{zero}" y="{H - 8}" text-anchor="middle" fill="#555">0</text>']
+        for i, v in enumerate(rows):
+            y = 40 + i * row_h
+            if j == 0:
+                parts.append(f'<text x="{left - 8}" y="{y + 4}" text-anchor="end">{v}</text>')
+            parts.append(f'<line x1="{x0}" y1="{y}" x2="{x0 + panel}" y2="{y}" stroke="#eee"/>')
+            for s, r in got[v].items():
+                if r and s in full:
+                    d = r[key] - full[s][key]
+                    cx = zero + max(-1.0, min(1.0, d / span)) * panel / 2
+                    parts.append(f'<circle cx="{cx:.1f}" cy="{y}" r="4" fill="#1f77b4" data-variant="{v}" data-seed="{s}" '
+                                 f'data-difference="{d:.4f}"><title>{v} seed {s}: {d:+.3f}</title></circle>')
+    return "".join(parts) + "</svg>\n"
+
+
+def report_page(out, variants, seeds_of):
+    """<out>/report.html: the ablation table, the dot plot (also <out>/ablation-dots.svg) and each run's
+    last grid side by side, where the run folder still holds it."""
+    import html
+    dots = dot_plot(out, variants, seeds_of)
+    ilsgan.write_text(out / "ablation-dots.svg", dots)
+    tables = []
+    for block in table(out, variants, seeds_of).split("\n\n"):
+        lines = [line for line in block.splitlines() if line.startswith("|") and not line.startswith("|---")]
+        if lines:
+            cells = [[html.escape(c.strip()) for c in line.strip("|").split("|")] for line in lines]
+            tables.append("<table>" + "".join("<tr>" + "".join(f"<{t}>{c}</{t}>" for c in row) + "</tr>"
+                                              for row, t in zip(cells, ["th"] + ["td"] * len(cells))) + "</table>")
+        else:
+            tables.append(f"<p>{html.escape(block)}</p>")
+    grids = []
+    for v in variants:
+        for s in seeds_of(v):
+            last = sorted((out / f"{v}-seed{s}").glob("grid-*.png"))[-1:]
+            grids += [f"<figure><figcaption>{v} seed {s}</figcaption><img src='{g.relative_to(out)}' alt='{v} seed {s}'>"
+                      "</figure>" for g in last]
+    page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>ILSGAN ablation</title>"
+            f"<style>{ilsgan.REPORT_CSS}</style></head><body><h1>The paper's ablations on the embedded benchmark</h1>"
+            + "".join(tables) + "<h2>Paired against full, seed by seed</h2><img src='ablation-dots.svg' alt='paired differences'>"
+            + "<h2>Each run's last grid</h2>" + ("".join(grids) or "<p>No run folder here keeps its grids.</p>")
+            + "</body></html>\n")
+    ilsgan.write_text(out / "report.html", page)
+    return out / "report.html"
 
 
 def main():
@@ -263,6 +322,8 @@ def main():
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
     ap.add_argument("--out", default="runs/ablation")
     ap.add_argument("--table-only", action="store_true", help="only tabulate the finished runs")
+    ap.add_argument("--report", action="store_true", help="only write <out>/report.html (table, dot plot, grids) "
+                    "and <out>/ablation-dots.svg from the finished runs")
     ap.add_argument("--mine-spread", metavar="RUN", help="MINE with --mine-seeds on this run's checkpoint, then exit "
                     "(RUN: a run folder, or a run's name under --out)")
     ap.add_argument("--mine-seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -308,6 +369,9 @@ def run(args, common):
 
     def seeds_of(v):
         return args.seeds if args.seeds is not None else list(range(SEEDS[v]))
+    if args.report:
+        print(f"wrote {report_page(out, args.variants, seeds_of)} and {out / 'ablation-dots.svg'}")
+        return
     failed = []
     if not args.table_only:
         failed = run_all([(v, s, out / f"{v}-seed{s}") for v in args.variants for s in seeds_of(v)], args.jobs, common)

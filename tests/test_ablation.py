@@ -70,7 +70,8 @@ def test_hidden_grid_draws_four_rows_per_run(tiny_run, tmp_path):
     out, cfg = tiny_run
     ablation.hidden_grid([out, out], tmp_path / "hidden.png", n=4)
     w, h = Image.open(tmp_path / "hidden.png").size
-    assert (w, h) == (4 * (cfg.resolution + 1) + 1, 8 * (cfg.resolution + 1) + 1)  # 2 runs x 4 rows, padding 1
+    cell = cfg.resolution * -(-64 // cfg.resolution)  # cells of 64 px or more, upscaled by a whole factor
+    assert (w, h) == (110 + 4 * (cell + 2), 8 * (cell + 2) + 2)  # 2 runs x 4 rows of 4, labels on the left
 
 
 def test_run_options_take_a_run_name_under_out(tiny_run):
@@ -97,8 +98,8 @@ def test_mask_share_measures_the_eq11_pairs_as_mine_does(tiny_run):
     assert 0 <= row["hidden f outside [-1, 1]"] <= 1 and row["hidden f median |value|"] >= 0
 
 
-def test_readme_ablation_table_is_the_record_in_docs(tmp_path):
-    """Every figure of the README's ablation table comes from `ablation.py --table-only --out docs/ablation`."""
+def test_the_ablation_table_of_the_docs_is_the_record_in_docs(tmp_path):
+    """Every figure of docs/results.md's ablation table comes from `ablation.py --table-only --out docs/ablation`."""
     import shutil
     record = tmp_path / "ablation"  # a copy, so that the test writes nothing into the repository
     shutil.copytree(ROOT / "docs" / "ablation", record, ignore=shutil.ignore_patterns("*.pt", "*.png", "log.txt"))
@@ -106,4 +107,23 @@ def test_readme_ablation_table_is_the_record_in_docs(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout == (ROOT / "docs" / "ablation" / "ablation.md").read_text()
-    assert r.stdout.strip() in (ROOT / "README.md").read_text()
+    assert r.stdout.strip() in (ROOT / "docs" / "results.md").read_text()
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "ablation.py"), "--report", "--out", str(record)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert (record / "ablation-dots.svg").read_text() == (ROOT / "docs" / "ablation" / "ablation-dots.svg").read_text()
+    assert "(ablation/ablation-dots.svg)" in (ROOT / "docs" / "results.md").read_text()
+
+
+def test_per_run_table_and_successes_of_a_variant_of_ones_own(tmp_path):
+    """--per-run lists each run (IoU, DICE, mask area, flags) and, with --success, counts the runs that
+    reach it; --variant adds a named variant of one's own flags."""
+    for seed, iou in enumerate([0.9, 0.3, 0.95]):
+        fake_run(tmp_path / f"lr4-seed{seed}", iou, 3.0, flags=["swapped"] if iou < 0.5 else [])
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "ablation.py"), "--table-only", "--variant", "lr4=--lr 0.004",
+                        "--variants", "lr4", "--seeds", "0", "1", "2", "3", "--per-run", "--success", "0.85",
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "| lr4-seed1 | 0.300 | 0.350 |" in r.stdout and "| swapped |" in r.stdout
+    assert "| lr4-seed3 | (not finished) |" in r.stdout
+    assert "lr4: 2 of 3 runs reach IoU 0.85; mean 0.717" in r.stdout

@@ -63,3 +63,10 @@ def test_the_lesson_is_the_size_its_docstring_states():
     assert lesson <= 550, lesson
     said = re.search(r"the lesson \(sections 1-11\) is (\d+) lines of code.*?the\s+whole file (\d+)\.", src, re.S)
     assert said and (int(said[1]), int(said[2])) == (lesson, whole), (said and said.groups(), lesson, whole)
+
+
+def test_the_docs_show_the_layouts_the_loader_reads():
+    import ilsgan
+    text = (ROOT / "docs" / "datasets.md").read_text()
+    for name, layout in ilsgan.LAYOUTS.items():
+        assert layout in text, name
