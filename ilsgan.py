@@ -40,8 +40,8 @@ Where this file differs from the official code (qrzou/ILSGAN), file by file: REA
 from the official code". Tags in the code: `official:` (in the official code, not in the paper) and
 `ours:` (our own choice, with its reason).
 
-Size: the lesson (sections 1-11) is 533 lines of code, comments and docstrings not counted; the
-whole file 1679.
+Size: the lesson (sections 1-11) is 536 lines of code, comments and docstrings not counted; the
+whole file 1682.
 """
 import argparse
 import contextlib
@@ -772,8 +772,11 @@ class State:
     def load_state_dict(self, sd):
         """The saved networks, moments and progress; the optimisers' settings (lr, betas) stay this
         config's, so that a resumed run takes the flags given with --resume."""
-        for k in ("G", "D", "G_ema", "opt_G", "opt_D", "scaler_G", "scaler_D"):
+        for k in ("G", "D", "G_ema", "opt_G", "opt_D"):
             getattr(self, k).load_state_dict(sd[k])
+        for k in ("scaler_G", "scaler_D"):  # a run resumed in fp16 that trained in another precision starts its scale afresh
+            if sd[k]:
+                getattr(self, k).load_state_dict(sd[k])
         for opt in (self.opt_G, self.opt_D):
             for group in opt.param_groups:
                 group.update(opt.defaults)  # lr, betas, eps, fused: as built from the config

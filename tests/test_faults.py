@@ -217,6 +217,16 @@ def test_resume_with_a_new_lr_trains_with_it(tiny_run, tmp_path):
     assert opt["param_groups"][0]["lr"] == pytest.approx(0.01 * 4 / 5)
 
 
+@pytest.mark.parametrize("before, after", [("off", "fp16"), ("fp16", "off"), ("bf16", "fp16")])
+def test_resume_in_another_precision(before, after):
+    saved = ilsgan.State(ilsgan.make_config("tiny", amp=before), torch.device("cpu"))
+    resumed = ilsgan.State(ilsgan.make_config("tiny", amp=after), torch.device("cpu"))
+    resumed.load_state_dict(saved.state_dict())
+    assert resumed.scaler_G.is_enabled() == (after == "fp16")
+    x = torch.rand(8, 3, 16, 16) * 2 - 1
+    assert torch.isfinite(ilsgan.train_step(resumed, x, ilsgan.make_config("tiny", amp=after))["loss_G"])
+
+
 def test_the_logs_are_cut_back_to_the_checkpoint_and_a_torn_line_dropped(tmp_path):
     log = tmp_path / "stats.jsonl"
     log.write_text('{"kimg": 0.1}\n{"kimg": 0.2}\n{"kimg": 0.3}\n{"kimg": 0.4, "loss')
