@@ -41,7 +41,7 @@ from the official code". Tags in the code: `official:` (in the official code, no
 `ours:` (our own choice, with its reason).
 
 Size: the lesson (sections 1-11) is 536 lines of code, comments and docstrings not counted; the
-whole file 1682.
+whole file 1688.
 """
 import argparse
 import contextlib
@@ -2194,6 +2194,10 @@ def validate_config(cfg):
                  ("batch", per_process >= 1 and per_process % min(cfg.mbstd_group, per_process) == 0,
                   f"a multiple of the minibatch-stddev group --mbstd-group {cfg.mbstd_group}, per process"),
                  ("beta2", 0 <= cfg.beta2 < 1, "in [0, 1)"), ("shift", cfg.shift < 0.5, "below 0.5"),
+                 ("eta", cfg.eta <= 1, "at most 1 (a fraction of the image)"),
+                 ("mask_max", cfg.mask_max <= 1, "at most 1 (a fraction of the image)"),
+                 ("ada_target", -1 <= cfg.ada_target <= 1, "in [-1, 1] (a mean of signs)"),
+                 ("seed", 0 <= cfg.seed < 2**63, "0 or more, below 2^63"),
                  ("r1_gamma", cfg.r1_gamma >= 0 or cfg.r1_gamma == -1, "0 or more, or -1 (the official automatic value)"),
                  ("fid_n", cfg.fid_n != 1, "0 (off) or 2 or more"),
                  ("data_root", root_ok, f"an existing folder holding the {cfg.dataset} layout (see --check-data)"),
@@ -2213,8 +2217,9 @@ def validate_sizes(cfg, dev):
     per_image = sum(channels_at(2**i, cfg) * 4**i for i in range(2, int(math.log2(cfg.resolution)) + 1))
     need = {"the networks with their gradients, Adam's moments and G_ema": 5 * 4 * n_params,
             "the training images": cfg.n_train * 3 * cfg.resolution**2 if cfg.dataset == "synthetic" else 0,
-            "one batch's activations": cfg.batch * per_image * 4 * 4}
-    require_memory(need, dev, "--batch, --resolution, --channel-max, --channel-base, --z-dim, --w-dim, --n-train")
+            "one batch's activations": cfg.batch * per_image * 4 * 4,
+            "the FID samples and their features": cfg.fid_n * (3 * cfg.resolution**2 * 4 + 2048 * 8)}
+    require_memory(need, dev, "--batch, --resolution, --channel-max, --channel-base, --z-dim, --w-dim, --n-train, --fid-n")
 
 
 def require_memory(need, dev, flags):
@@ -2446,7 +2451,8 @@ def new_config(preset, overrides):
     return make_config(preset, **overrides)
 
 
-RESUME_FIXED = ("dataset", "resolution", "z_dim", "w_dim", "map_layers", "channel_base", "channel_max", "seed")
+RESUME_FIXED = ("dataset", "resolution", "z_dim", "w_dim", "map_layers", "channel_base", "channel_max", "seed", "n_train",
+                "bgr")
 
 
 def resume_config(resume, preset, overwrite, overrides, rank=0):

@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -194,6 +195,25 @@ def main(argv=None):
     ap.add_argument("--grade", nargs="?", const=".", metavar="DIR", help="grade the student copy DIR (default: here)")
     ap.add_argument("--table", action="store_true", help="print the README's equation table")
     args = ap.parse_args(argv)
+    got = []
+
+    def stop(signum, frame):
+        got.append(signum)
+        raise KeyboardInterrupt
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        run(ap, args)
+    except KeyboardInterrupt:  # one line, as the other scripts say it; the project itself is never changed
+        name = signal.Signals(got[0] if got else signal.SIGINT).name
+        sys.stderr.write(f"\nstopped by {name}; a student copy being made may be incomplete: make it again into an "
+                         "empty --out; a grading was not finished: run --grade again\n")
+        sys.exit(128 + (got[0] if got else signal.SIGINT))
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def run(ap, args):
     if args.list:
         for eq, what, rows in EQUATIONS:
             for module, name, tests in rows:

@@ -268,12 +268,14 @@ def main():
     args = ap.parse_args()
     overrides = ilsgan.given(args, ilsgan.Config)
     device, amp = overrides.pop("device", "auto"), overrides.pop("amp", None)
-    if args.gpu_check:
-        preset = args.preset or ("paper64" if ilsgan.pick_device(device).type == "cuda" else "tiny")
-        kimg, fid_n = overrides.pop("kimg", 2.0), overrides.pop("fid_n", 500)
-        sys.exit(0 if gpu_check(device, preset, kimg, fid_n, args.json, amp=amp or "auto", **overrides) else 1)
-    benchmark(args.presets or list(ilsgan.PRESETS), (amp or "off,bf16").split(","), device, args.seconds, ops=args.ops,
-              **overrides)
+    def body():
+        if args.gpu_check:
+            preset = args.preset or ("paper64" if ilsgan.pick_device(device).type == "cuda" else "tiny")
+            kimg, fid_n = overrides.pop("kimg", 2.0), overrides.pop("fid_n", 500)
+            sys.exit(0 if gpu_check(device, preset, kimg, fid_n, args.json, amp=amp or "auto", **overrides) else 1)
+        benchmark(args.presets or list(ilsgan.PRESETS), (amp or "off,bf16").split(","), device, args.seconds, ops=args.ops,
+                  **overrides)
+    ilsgan.error_boundary(body, lambda: f"python scripts/benchmark.py {' '.join(sys.argv[1:])} (it starts over)")
 
 
 if __name__ == "__main__":

@@ -355,3 +355,25 @@ def test_a_learning_rate_far_too_high_stops_the_run_with_its_last_good_checkpoin
     flags = [f for line in (tmp_path / "run" / "stats.jsonl").read_text().splitlines() for f in json.loads(line)["flags"]]
     assert "diverging" in flags
     assert ilsgan.load_checkpoint(tmp_path / "run")[1]["state"]["nimg"] < 2000
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--n-train", "300"], "--n-train 300 (the run has 256) cannot change"),
+    (["--bgr"], "--bgr True (the run has False) cannot change"),
+])
+def test_resume_refuses_a_change_of_the_data(copied, flags, says):
+    refused("--resume", copied, *flags, says=says)
+
+
+@pytest.mark.parametrize("flags, says", [(["--eta", "1.5"], "--eta 1.5: must be at most 1"),
+                                         (["--ada-target", "2"], "--ada-target 2.0: must be in [-1, 1]"),
+                                         (["--fid-n", "100000000000"], "these sizes need at least")])
+def test_settings_that_mean_nothing_are_refused(tmp_path, flags, says):
+    refused("--preset", "tiny", "--out", tmp_path / "run", *flags, says=says)
+
+
+@pytest.fixture
+def copied(tiny_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run[0], out)
+    return out
