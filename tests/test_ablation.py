@@ -127,3 +127,15 @@ def test_per_run_table_and_successes_of_a_variant_of_ones_own(tmp_path):
     assert "| lr4-seed1 | 0.300 | 0.350 |" in r.stdout and "| swapped |" in r.stdout
     assert "| lr4-seed3 | (not finished) |" in r.stdout
     assert "lr4: 2 of 3 runs reach IoU 0.85; mean 0.717" in r.stdout
+
+
+def test_the_five_seeds_of_the_docs_are_their_record(tmp_path):
+    """docs/results.md's table of the default job's five seeds is what `ablation.py --per-run` prints from docs/five-seeds."""
+    import shutil
+    record = tmp_path / "five"
+    shutil.copytree(ROOT / "docs" / "five-seeds", record)
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "ablation.py"), "--table-only", "--variants", "full",
+                        "--per-run", "--success", "0.8", "--out", str(record)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    per_run = r.stdout[r.stdout.index("| run | test IoU"):].strip()
+    assert per_run in (ROOT / "docs" / "results.md").read_text()
