@@ -107,12 +107,13 @@ def benchmark(presets, amps, device="auto", seconds=10.0, rounds=4, ops=False, *
         while time.time() - t0 < 0.5:
             ilsgan.to_float(data[torch.randint(len(data), (cfg.batch,), device=dev)]).sum().item()
             fetched += cfg.batch
+        data_ips = fetched / (time.time() - t0)
         base = runs[0]["images"] / runs[0]["time"]
         for run in runs:
             ips = run["images"] / run["time"]
             rows.append(dict(preset=name, res=run["cfg"].resolution, batch=run["cfg"].batch, amp=run["cfg"].amp,
                              img_s=ips, sec_kimg=1000 / ips, peak_mb=run["peak"], ratio=ips / base,
-                             data_img_s=fetched / (time.time() - t0),
+                             data_img_s=data_ips,
                              ops=aten_calls_per_step(run["state"], run["x"], run["cfg"]) if ops else None))
         del runs
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{torch.get_num_threads()} threads"

@@ -138,9 +138,10 @@ def test_importing_writes_nothing(tmp_path):
 
 
 @pytest.mark.slow
-def test_benchmark_prints_speed_and_memory_of_each_precision_side_by_side(tmp_path):
+def test_benchmark_prints_speed_memory_and_aten_calls_of_each_precision_side_by_side(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "tiny", "--seconds", "0.5",
-                        "--device", "cpu", "--amp", "off,bf16"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                        "--device", "cpu", "--amp", "off,bf16", "--ops"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0, r.stderr
     assert "img/s" in r.stdout and "sec/kimg" in r.stdout and "peak MB" in r.stdout and "vs off" in r.stdout
     rows = [line.split() for line in r.stdout.splitlines() if line.startswith("tiny")]
@@ -149,6 +150,8 @@ def test_benchmark_prints_speed_and_memory_of_each_precision_side_by_side(tmp_pa
         ips, sec_kimg, peak_mb, data_ips = float(row[4]), float(row[5]), float(row[6]), float(row[8])
         assert ips > 0 and sec_kimg == pytest.approx(1000 / ips, rel=0.01, abs=0.006) and peak_mb > 0 and data_ips > ips
     assert rows[0][7] == "1.00x"
+    assert rows[0][8] == rows[1][8]  # the data path is timed once per preset, not with the profiling in between
+    assert all(float(row[9]) > 100 for row in rows)  # aten calls per step (a tiny step still makes hundreds)
     assert list(tmp_path.iterdir()) == []  # writes nothing
 
 
