@@ -1936,7 +1936,7 @@ def write_report(run_dir):
     if (run_dir / "hidden.png").is_file():
         parts += ["<h2>What each layer hides</h2><p>For the grid's latents: the composite, and the parts of f "
                   "and b it hides (Eq. 10), grey where visible. An echo of the object in b's hidden part is the "
-                  "leakage ILS removes.</p>", "<img src='hidden.png' alt='hidden regions'>"]
+                  "leakage ILS is meant to remove.</p>", "<img src='hidden.png' alt='hidden regions'>"]
     grids = sorted(run_dir.glob("grid-*.png"), reverse=True)
     parts.append("<h2>Grids of fixed latents, latest first</h2>" + "".join(
         f"<figure><figcaption>{float(g.stem[5:-4]):g} kimg</figcaption><img src='{h(g.name)}' "
