@@ -66,3 +66,25 @@ def test_fid_at_snapshots_keeps_the_best_checkpoint(tmp_path, monkeypatch):
     _, ckpt = ilsgan.load_checkpoint(out, best=True)
     assert ckpt["state"]["nimg"] / 1000 == pytest.approx(best["kimg"])
     assert ilsgan.find_checkpoint(out).name == "checkpoint.pt"  # resume still takes the latest
+
+
+def test_real_statistics_are_cached_by_the_images_values(tmp_path, monkeypatch):
+    """The real images' FID statistics are computed once per set of images: the same images are read
+    from the cache, changed images of the same dataset, size and count are computed afresh."""
+    monkeypatch.setenv("ILSGAN_CACHE", str(tmp_path))
+    calls = []
+
+    class Features(torch.nn.Module):  # stands in for Inception: the mean colour and its square
+        def forward(self, x):
+            calls.append(len(x))
+            return torch.cat([x.mean(dim=(2, 3)), x.mean(dim=(2, 3)) ** 2], dim=1)
+    net, cfg = Features(), ilsgan.make_config("tiny", resolution=16)
+    x, _ = ilsgan.make_synthetic(8, 16, seed=0)
+    first = ilsgan.real_fid_stats(net, x, cfg)
+    again = ilsgan.real_fid_stats(net, x.clone(), cfg)
+    assert len(calls) == 1 and all(torch.equal(a, b) for a, b in zip(first, again))
+    changed = x.clone()
+    changed[3, 0, 5, 5] ^= 1  # one value of one image
+    other = ilsgan.real_fid_stats(net, changed, cfg)
+    assert len(calls) == 2 and not torch.equal(other[0], first[0])
+    assert len(list(tmp_path.glob("fid-synthetic-16-*.pt"))) == 2
