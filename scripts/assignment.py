@@ -148,9 +148,10 @@ def original_tests(folder, record):
     source = Path(record["source"]) if record["source"] else None
     if source and source != folder and (source / "tests").is_dir() and (recorded is None or test_hashes(source) == recorded):
         return source, f"the instructor's tests, from {source}, which the copy was made from"
-    if recorded is not None and test_hashes(folder) == recorded:
+    now = test_hashes(folder)
+    if recorded is not None and now == recorded:
         return folder, "this copy's tests, unchanged since it was made"
-    changed = sorted(k for k in set(recorded or {}) | set(test_hashes(folder)) if (recorded or {}).get(k) != test_hashes(folder).get(k))
+    changed = sorted(k for k in set(recorded or {}) | set(now) if (recorded or {}).get(k) != now.get(k))
     raise SystemExit(f"error: this copy's tests were changed ({', '.join(changed[:3]) or 'no record of them'}) and the "
                      f"originals are not here: grade it with the instructor's project: "
                      f"python /path/to/project/scripts/assignment.py --grade {folder}")
