@@ -41,7 +41,7 @@ from the official code". Tags in the code: `official:` (in the official code, no
 `ours:` (our own choice, with its reason).
 
 Size: the lesson (sections 1-11) is 536 lines of code, comments and docstrings not counted; the
-whole file 1690.
+whole file 1687.
 """
 import argparse
 import contextlib
@@ -1320,11 +1320,9 @@ def load_real(name, root, res, split, bgr=False, skip_unmasked=False):
             return cached
         x, m = decode_items(items, res, bgr, f"decoding {name} {split}")
         if path is not None:
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-            with open(tmp, "wb") as fh:
+            with replaced(path) as tmp, open(tmp, "wb") as fh:
                 np.savez(fh, key=np.array(key.hexdigest()), crc=np.array(zlib.crc32(x.numpy())), images=x.numpy(),
                          **({"masks": m.numpy()} if m is not None else {}))
-            os.replace(tmp, path)
     return x, m
 
 
@@ -1446,8 +1444,8 @@ def real_fid_stats(net, data, cfg):
         return tuple(torch.load(path, weights_only=True))
     stats = feature_stats(inception_features(net, data))
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(list(stats), f"{path}.{os.getpid()}.tmp")
-    os.replace(f"{path}.{os.getpid()}.tmp", path)
+    with replaced(path) as tmp:
+        torch.save(list(stats), tmp)
     return stats
 
 
@@ -1617,8 +1615,8 @@ def snapshot(state, cfg, out, grid_z, fid_net, real_stats):
     with open(out / "fid.jsonl", "a") as fh:
         fh.write(json.dumps(dict(kimg=state.nimg / 1000, fid=value, n=cfg.fid_n)) + "\n")
     if value <= min(earlier, default=math.inf):  # the checkpoint just written, copied atomically
-        shutil.copyfile(out / "checkpoint.pt", out / f"best.pt.{os.getpid()}.tmp")
-        os.replace(out / f"best.pt.{os.getpid()}.tmp", out / "best.pt")
+        with replaced(out / "best.pt") as tmp:
+            shutil.copyfile(out / "checkpoint.pt", tmp)
     return f"kimg {state.nimg / 1000:.1f}: FID {value:.2f} (best {min(earlier + [value]):.2f})"
 
 
@@ -1631,9 +1629,8 @@ def save_checkpoint(path, state, cfg):
     dev = state.ada_p.device
     ckpt = dict(format=CHECKPOINT_FORMAT, run_id=state.run_id, state=state.state_dict(), config=dataclasses.asdict(cfg),
                 rng_cpu=torch.get_rng_state(), rng_device=torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None)
-    tmp = Path(f"{path}.{os.getpid()}.tmp")  # a killed write leaves only this file behind
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    with replaced(path) as tmp:
+        torch.save(ckpt, tmp)
 
 
 def restore_rng(ckpt, dev):
@@ -1692,15 +1689,12 @@ def cut_log(path, kimg):
             continue
         if isinstance(rec, dict) and rec.get("kimg", math.inf) <= kimg + 1e-9:
             keep.append(line)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    write_text(path, "".join(line + "\n" for line in keep))
 
 
 def read_fid_log(run_dir):
     """The run's fid.jsonl as a list of {kimg, fid, n} records (empty if FID was off)."""
-    path = Path(run_dir) / "fid.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return read_log(Path(run_dir) / "fid.jsonl")
 
 
 def read_results(run_dir):
@@ -1729,6 +1723,21 @@ def write_results(run_dir, section, values):
 def write_json(path, value):
     """Atomically: a killed write leaves the previous file."""
     write_text(path, json.dumps(value, indent=2))
+
+
+def write_text(path, text):
+    """Atomically: a killed write leaves the previous file."""
+    with replaced(path) as tmp:
+        tmp.write_text(text)
+
+
+@contextlib.contextmanager
+def replaced(path):
+    """Every run file is written this way: to the yielded temporary path, which then replaces path in
+    one rename. A killed write leaves the previous file and a NAME.PID.tmp, which run_folder removes."""
+    tmp = Path(path).with_name(f"{Path(path).name}.{os.getpid()}.tmp")
+    yield tmp
+    os.replace(tmp, path)
 
 
 @contextlib.contextmanager
@@ -1784,9 +1793,8 @@ def save_rows(rows, names, path, cell=64):
         pixels = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
         for i in range(n):
             canvas.paste(Image.fromarray(pixels[i]).resize((w * k, h * k), Image.NEAREST), (left + i * (w * k + pad), y))
-    tmp = Path(path).with_name(f"{Path(path).name}.{os.getpid()}.tmp")
-    canvas.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with replaced(path) as tmp:
+        canvas.save(tmp, format="PNG")
 
 
 def save_grid(G, z, path):
@@ -1977,13 +1985,6 @@ def report_table(results, fids):
         rows.append(("results.json", "unreadable", html.escape(results["unreadable"])))
     return ("<h2>Scores</h2><table><tr><th>measure</th><th>value</th><th>what it means</th></tr>"
             + "".join(f"<tr><td>{a}</td><td>{b}</td><td>{c}</td></tr>" for a, b, c in rows) + "</table>")
-
-
-def write_text(path, text):
-    """Atomically: a killed write leaves the previous file."""
-    tmp = Path(path).with_name(f"{Path(path).name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------

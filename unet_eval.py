@@ -267,7 +267,8 @@ def save_outlines(x, pred, gt, path, n=32):
     red, green = torch.tensor([1.0, 0, 0])[None, :, None, None], torch.tensor([0, 1.0, 0])[None, :, None, None]
     img = torch.where(outline(g), green, img)
     img = torch.where(outline(p), red, img)
-    save_image(img, path, nrow=8, padding=2, pad_value=1)
+    with ilsgan.replaced(path) as tmp:  # a killed write leaves the previous picture
+        save_image(img, tmp, nrow=8, padding=2, pad_value=1, format="png")
 
 
 def evaluate(ec):
