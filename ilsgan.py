@@ -40,8 +40,8 @@ Where this file differs from the official code (qrzou/ILSGAN), file by file: REA
 from the official code". Tags in the code: `official:` (in the official code, not in the paper) and
 `ours:` (our own choice, with its reason).
 
-Size: the lesson (sections 1-11) is 536 lines of code, comments and docstrings not counted; the
-whole file 1687.
+Size: the lesson (sections 1-11) is 547 lines of code, comments and docstrings not counted; the
+whole file 1712.
 """
 import argparse
 import contextlib
@@ -180,22 +180,25 @@ class EqualLinear(nn.Module):
         self.weight = nn.Parameter(torch.randn(cout, cin) / lr_mul)
         self.bias = nn.Parameter(torch.full([cout], float(bias_init)))
         self.scale, self.lr_mul, self.act = lr_mul / math.sqrt(cin), lr_mul, act
+        # the constants of a layer's arithmetic are 0-d buffers: they follow the module to its device,
+        # while a Python number in an arithmetic op becomes a new tensor at every call
+        self.register_buffer("gain", torch.tensor(math.sqrt(2)) if act else None, persistent=False)
 
     def forward(self, x):
         x = torch.addmm(self.bias, x, self.weight.t(), beta=self.lr_mul, alpha=self.scale)  # one product
-        return lrelu(x) if self.act else x
+        return lrelu(x, self.gain) if self.act else x
 
 
 CONV_CLAMP = 256  # official (conv_clamp): conv outputs are clamped to +-256 (times the activation gain)
 
 
-def lrelu(x, clamp=None, gain=math.sqrt(2)):
-    """StyleGAN's activation: leaky ReLU (slope 0.2) times a gain, sqrt(2) to keep the signal's
-    variance; official conv_clamp: then bounded to +-clamp * gain (hardtanh is that clamp, with a
-    one-kernel backward)."""
+def lrelu(x, gain=None, bound=None):
+    """StyleGAN's activation: leaky ReLU (slope 0.2) times `gain` (a 0-d tensor; sqrt(2) keeps the
+    signal's variance, None is 1); official conv_clamp: then bounded to +-bound = clamp * gain
+    (hardtanh is that clamp, with a one-kernel backward)."""
     x = F.leaky_relu(x, 0.2)
-    x = x * gain if gain != 1 else x
-    return x if clamp is None else F.hardtanh(x, -clamp * gain, clamp * gain)
+    x = x if gain is None else x * gain
+    return x if bound is None else F.hardtanh(x, -bound, bound)
 
 
 def full_precision(t):
@@ -225,14 +228,16 @@ class EqualConv2d(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(cout, cin, k, k))
         self.bias = nn.Parameter(torch.zeros(cout)) if bias else None
-        self.gain = (math.sqrt(2) if act else 1.0) if gain is None else gain
-        self.scale, self.act, self.down = 1 / math.sqrt(cin * k * k) * (1 if act else self.gain), act, down
+        gain = (math.sqrt(2) if act else 1.0) if gain is None else gain
+        self.register_buffer("scale", torch.tensor(1 / math.sqrt(cin * k * k) * (1 if act else gain)), persistent=False)
+        self.register_buffer("gain", torch.tensor(gain) if act and gain != 1 else None, persistent=False)
+        self.act, self.down, self.bound = act, down, CONV_CLAMP * gain
 
     def forward(self, x):
         if self.down:
             x = F.avg_pool2d(x, 2)
         x = F.conv2d(x, self.weight * self.scale, self.bias, padding=self.weight.shape[-1] // 2)
-        return lrelu(x, CONV_CLAMP, self.gain) if self.act else x
+        return lrelu(x, self.gain, self.bound) if self.act else x
 
 
 def modulated_conv2d(x, weight, styles, demodulate=True, fused=True, up_filter=None):
@@ -252,7 +257,7 @@ def modulated_conv2d(x, weight, styles, demodulate=True, fused=True, up_filter=N
     # demodulation: d_bo = 1 / sqrt(sum_{i,k} (s_bi w_oik)^2 + eps) = 1 / sqrt(sum_i s_bi^2 sum_k w_oik^2 + eps),
     # the second form one [B,I] x [I,O] product, without building the [B,O,I,k,k] weights
     with full_precision(x):
-        d = torch.rsqrt(styles.square() @ weight.square().sum(dim=[2, 3]).T + 1e-8) if demodulate else None  # [B,O]
+        d = torch.rsqrt((styles * styles) @ (weight * weight).sum(dim=[2, 3]).T + 1e-8) if demodulate else None  # [B,O]
     if fused:
         w = weight[None] * styles[:, None, :, None, None]  # [B,O,I,k,k]  modulate
         if demodulate:  # w'' = w' / sqrt(sum w'^2 + eps), per output channel
@@ -277,20 +282,19 @@ class ModulatedConv2d(nn.Module):
 
     def __init__(self, cin, cout, w_dim, up=False):
         super().__init__()
-        self.affine = EqualLinear(w_dim, cin, bias_init=1.0)  # w -> per-channel style s
+        self.affine = EqualLinear(w_dim, cin, bias_init=1.0)  # w -> per-channel style s (SynthesisNetwork.styles)
         self.weight = nn.Parameter(torch.randn(cout, cin, 3, 3))
         self.bias = nn.Parameter(torch.zeros(cout))
         self.noise_strength = nn.Parameter(torch.zeros([]))
-        self.scale = 1 / math.sqrt(cin * 9)
+        self.register_buffer("scale", torch.tensor(1 / math.sqrt(cin * 9)), persistent=False)
+        self.register_buffer("gain", torch.tensor(math.sqrt(2)), persistent=False)
         self.register_buffer("fir", fir_filter() if up else None, persistent=False)
 
-    def forward(self, x, w):
-        with full_precision(w):
-            styles = self.affine(w)
+    def forward(self, x, styles):  # styles [B,cin] = self.affine(w)
         x = modulated_conv2d(x, self.weight * self.scale, styles, fused=not self.training, up_filter=self.fir)
         noise = torch.randn(x.shape[0], 1, x.shape[2], x.shape[3], device=x.device, dtype=x.dtype)
         x = torch.addcmul(x, noise, self.noise_strength) + self.bias.view(1, -1, 1, 1)  # x + noise * strength + bias
-        return lrelu(x, CONV_CLAMP)
+        return lrelu(x, self.gain, CONV_CLAMP * math.sqrt(2))
 
 
 class ToRGB(nn.Module):
@@ -301,13 +305,11 @@ class ToRGB(nn.Module):
         self.affine = EqualLinear(w_dim, cin, bias_init=1.0)
         self.weight = nn.Parameter(torch.randn(cout, cin, 1, 1))
         self.bias = nn.Parameter(torch.zeros(cout))
-        self.scale = 1 / math.sqrt(cin)
+        self.register_buffer("scale", torch.tensor(1 / math.sqrt(cin)), persistent=False)
 
-    def forward(self, x, w):
-        with full_precision(w):
-            styles = self.affine(w) * self.scale
-        x = modulated_conv2d(x, self.weight, styles, demodulate=False, fused=not self.training)
-        return (x + self.bias.view(1, -1, 1, 1)).clamp(-CONV_CLAMP, CONV_CLAMP)
+    def forward(self, x, styles):  # styles [B,cin] = self.affine(w)
+        x = modulated_conv2d(x, self.weight, styles * self.scale, demodulate=False, fused=not self.training)
+        return F.hardtanh(x + self.bias.view(1, -1, 1, 1), -CONV_CLAMP, CONV_CLAMP)  # clamp, one-kernel backward
 
 
 def channels_at(res, cfg):
@@ -349,13 +351,24 @@ class SynthesisNetwork(nn.Module):
             self.convs.append(ModulatedConv2d(cout, cout, cfg.w_dim))
             self.torgbs.append(ToRGB(cout, img_channels, cfg.w_dim))
 
+    def styles(self, w):
+        """Every layer's style s = affine(w), all of the same w: the layers' affine maps stacked into
+        one product (each output is the same dot product) -> (per conv, per ToRGB) lists of [B,cin]."""
+        affines = [layer.affine for layer in [*self.convs, *self.torgbs]]  # all with scale 1/sqrt(w_dim), lr_mul 1
+        with full_precision(w):
+            s = torch.addmm(torch.cat([a.bias for a in affines]), w, torch.cat([a.weight for a in affines]).t(),
+                            alpha=affines[0].scale)
+        s = s.split([a.bias.shape[0] for a in affines], dim=1)
+        return s[:len(self.convs)], s[len(self.convs):]
+
     def forward(self, w):  # w [B,w_dim] -> [B,img_channels,res,res]
+        s_conv, s_rgb = self.styles(w)
         x = self.const[None].expand(w.shape[0], -1, -1, -1)
-        x = self.convs[0](x, w)
-        img = self.torgbs[0](x, w)
+        x = self.convs[0](x, s_conv[0])
+        img = self.torgbs[0](x, s_rgb[0])
         for i, torgb in enumerate(self.torgbs[1:]):
-            x = self.convs[2 * i + 2](self.convs[2 * i + 1](x, w), w)
-            img = upsample2d(img, self.fir) + torgb(x, w).float()
+            x = self.convs[2 * i + 2](self.convs[2 * i + 1](x, s_conv[2 * i + 1]), s_conv[2 * i + 2])
+            img = upsample2d(img, self.fir) + torgb(x, s_rgb[i + 1]).float()
         return img
 
 
@@ -480,7 +493,7 @@ def _augment_geometric(x, p, fire, gauss):
     B, _, H, W = x.shape
     dev = x.device
     one = torch.ones(B, device=dev)
-    x_flip = torch.where(fire() & (torch.rand(B, device=dev) < 0.5), -one, one)  # [B] -1 or 1
+    x_flip = torch.where((fire() > 0) & (torch.rand(B, device=dev) < 0.5), -one, one)  # [B] -1 or 1
     quarter = torch.randint(0, 4, (B,), device=dev) * fire()  # [B] rotate by k * 90 degrees
     t_int = (torch.rand(2, B, device=dev) - 0.5) * fire()  # [2,B] integer translation, up to 1/8 of the size
     iso = gauss(0.2) * fire()  # [B] isotropic scale 2^iso
@@ -519,8 +532,8 @@ def augment(x, p, geometric=True):
     B, _, H, W = x.shape
     dev, x_in, fired = x.device, x, []
 
-    def fire(prob=p):  # [B] bool: does this op fire for each sample
-        fired.append(torch.rand(B, device=dev) < prob)
+    def fire(prob=p):  # [B] 1.0 or 0.0: does this op fire for each sample (a float, so that it scales without a cast)
+        fired.append(torch.rand(B, device=dev).lt_(prob))
         return fired[-1]
 
     def gauss(std):
@@ -745,6 +758,10 @@ class State:
         if cfg.channels_last:
             self.D = self.D.to(memory_format=torch.channels_last)
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
+        # each network's parameters are views of one buffer, their gradients of another (.grad): Adam,
+        # the gradient clean-up and the EMA are then one operation per network, not one per parameter
+        self.flat_G, self.flat_D = flatten_parameters(self.G), flatten_parameters(self.D)
+        self.flat_ema = flatten_parameters(self.G_ema, grads=False)
         self.G_train = compiled(self.G) if cfg.compile else self.G  # the same parameters, called in train_step
 
         # official: lazy-regularisation rescale, lr * k and beta2^k with k = interval / (interval + 1)
@@ -753,7 +770,7 @@ class State:
             # fused: one kernel for all parameters, and fp16's overflow check stays on the device
             return torch.optim.Adam(params, lr=cfg.lr * k, betas=(0.0, cfg.beta2**k), eps=1e-8, fused=True, foreach=None)
 
-        self.opt_G, self.opt_D = adam(self.G.parameters(), cfg.g_reg_interval), adam(self.D.parameters(), cfg.r1_interval)
+        self.opt_G, self.opt_D = adam([self.flat_G], cfg.g_reg_interval), adam([self.flat_D], cfg.r1_interval)
         # fp16 only: loss scaling against gradients that underflow (a no-op for bf16 and fp32)
         self.scaler_G, self.scaler_D = (torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16") for _ in "GD")
         self.ada_p = torch.zeros([], device=device)  # on the device: no step waits to read it
@@ -772,8 +789,10 @@ class State:
     def load_state_dict(self, sd):
         """The saved networks, moments and progress; the optimisers' settings (lr, betas) stay this
         config's, so that a resumed run takes the flags given with --resume."""
-        for k in ("G", "D", "G_ema", "opt_G", "opt_D"):
+        for k in ("G", "D", "G_ema"):
             getattr(self, k).load_state_dict(sd[k])
+        self.opt_G.load_state_dict(flat_adam_state(sd["opt_G"], self.G, self.flat_G))
+        self.opt_D.load_state_dict(flat_adam_state(sd["opt_D"], self.D, self.flat_D))
         for k in ("scaler_G", "scaler_D"):  # a run resumed in fp16 that trained in another precision starts its scale afresh
             if sd[k]:
                 getattr(self, k).load_state_dict(sd[k])
@@ -822,7 +841,7 @@ def train_step(state, x_real, cfg):
     # Eq. (5), G: V(G, D_bar) + lambda_m L_m + lambda_b L_b + lambda_ils L_ILS
     loss_G = loss_adv + cfg.lambda_m * loss_m + cfg.lambda_b * loss_b + w_ils * loss_ils  # []
     loss_G = loss_G + guard_loss(m, m_s, cfg)  # ours: 0 in the paper presets
-    optimizer_step(state.opt_G, state.scaler_G, loss_G, G.parameters())
+    optimizer_step(state.opt_G, state.scaler_G, loss_G, state.flat_G)
     stats = watch_stats(m.detach(), x_fake.detach(), x_real)
 
     # D step: minimize softplus(D(A(x'_fake))) + softplus(-D(A(x_real)))
@@ -833,7 +852,7 @@ def train_step(state, x_real, cfg):
         x_fake, _, _ = perturbed_composite(f, b, m, *random_shifts(B, res, cfg.shift, dev))  # [B,3,H,W]
     d_fake, d_real = discriminate(x_fake), discriminate(x_real)  # [B] each
     loss_D = d_adversarial_loss(d_real, d_fake)  # []  Eq. (5), D: -V(G_bar, D)
-    optimizer_step(state.opt_D, state.scaler_D, loss_D, D.parameters())
+    optimizer_step(state.opt_D, state.scaler_D, loss_D, state.flat_D)
     signs = [d_real.detach().sign()]  # [B]
 
     # D reg step, every r1_interval steps: minimize (gamma / 2) * ||grad_x D(A(x_real))||^2 * interval
@@ -844,7 +863,7 @@ def train_step(state, x_real, cfg):
         # official: `d.mean() * 0` keeps D's output in the graph, so that every D parameter gets a
         # gradient (zero where R1 does not reach, e.g. the last bias): Adam then steps all alike
         optimizer_step(state.opt_D, state.scaler_D, r1 * (r1_gamma(cfg) / 2) * cfg.r1_interval + d.mean() * 0,
-                       D.parameters())
+                       state.flat_D)
         signs.append(d.detach().sign())
         stats["r1"] = r1.detach()
 
@@ -852,8 +871,7 @@ def train_step(state, x_real, cfg):
     ema_nimg = min(cfg.ema_kimg * 1000, state.nimg * cfg.ema_rampup)
     beta = 0.5 ** (cfg.batch / max(ema_nimg, 1e-8))
     with torch.no_grad():  # p_ema <- p + beta (p_ema - p), all parameters at once
-        ema, params = list(state.G_ema.parameters()), list(G.parameters())
-        torch._foreach_lerp_(ema, params, 1 - beta)
+        state.flat_ema.lerp_(state.flat_G, 1 - beta)
     state.nimg, state.step = state.nimg + cfg.batch, state.step + 1
 
     # ADA: p follows r_t = E[sign(D(x_real))] toward the target
@@ -2042,18 +2060,51 @@ def compiled(module):
     return torch.compile(module)
 
 
-def optimizer_step(opt, scaler, loss, params):
-    """Backward, average the gradients over processes, and step (with fp16's loss scaling)."""
-    params = list(params)
-    opt.zero_grad(set_to_none=True)
+def optimizer_step(opt, scaler, loss, flat):
+    """Backward into the gradient buffer of `flat` (flatten_parameters), average it over processes,
+    and step (with fp16's loss scaling)."""
+    flat.grad.zero_()  # not set_to_none: the parameters' gradients are views of this buffer
     scaler.scale(loss).backward()
-    all_mean_grads(params)
+    all_mean(flat.grad)
     scaler.unscale_(opt)
-    for p in params:  # official: nan_to_num on gradients before every step
-        if p.grad is not None:
-            torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
+    torch.nan_to_num_(flat.grad, nan=0.0, posinf=1e5, neginf=-1e5)  # official: before every step
     scaler.step(opt)  # fp16: skipped if a gradient overflowed, and the scale lowered
     scaler.update()
+
+
+def flatten_parameters(module, grads=True):
+    """Make every parameter of `module` a view into one buffer and (grads) its gradient a view into
+    a second, with the same shape and strides (channels_last too) -> the buffer, its .grad the
+    gradient buffer. Backward then adds into the views; a parameter no loss reaches gets a zero
+    gradient, as in a multi-process run. Call after the module's last .to()."""
+    params = list(module.parameters())
+    flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=params[0].dtype)
+    flat.grad = torch.zeros_like(flat) if grads else None
+    offset = 0
+    with torch.no_grad():
+        for p in params:
+            view = flat.as_strided(p.shape, p.stride(), offset)
+            view.copy_(p)
+            p.data = view
+            if grads:
+                p.grad = flat.grad.as_strided(p.shape, p.stride(), offset)
+            offset += p.numel()
+    return flat
+
+
+def flat_adam_state(sd, module, flat):
+    """An Adam state_dict saved with one entry per parameter (earlier versions of this file) -> the
+    same moments laid out as `flat`; one saved for the flat buffer is returned as it is."""
+    params, state = list(module.parameters()), sd["state"]
+    if len(sd["param_groups"][0]["params"]) == 1:
+        return sd
+    moments = {k: torch.zeros_like(flat) for k in ("exp_avg", "exp_avg_sq")}
+    for i, p in enumerate(params):
+        for k, m in moments.items():
+            m.as_strided(p.shape, p.stride(), p.storage_offset()).copy_(state[i][k])
+    step = state[0]["step"] if state else torch.zeros([])
+    return dict(state={0: dict(step=step, **moments)} if state else {},
+                param_groups=[dict(sd["param_groups"][0], params=[0])])
 
 
 class GridSample(torch.autograd.Function):
@@ -2123,17 +2174,6 @@ def all_mean(t):
         dist.all_reduce(t)
         t /= n
     return t
-
-
-def all_mean_grads(params):
-    """Average the gradients over processes: one all-reduce of all of them, flattened."""
-    if world()[1] > 1:
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        flat = all_mean(torch.cat([p.grad.flatten() for p in params]))
-        for p, g in zip(params, flat.split([p.numel() for p in params])):
-            p.grad.copy_(g.view_as(p))
 
 
 def assert_in_step(G):
