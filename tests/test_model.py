@@ -1,4 +1,7 @@
 """The networks: modulated convolution parity, output shapes and ranges, minibatch stddev."""
+import copy
+
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -94,3 +97,79 @@ def test_upsample2d_is_bilinear_inside_and_zero_padded_at_the_border():
     bilinear = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
     torch.testing.assert_close(up[..., 1:-1, 1:-1], bilinear[..., 1:-1, 1:-1])
     torch.testing.assert_close(up[..., 0, 1:-1], 0.75 * bilinear[..., 0, 1:-1])  # edge row: 3/4 of row 0, 1/4 zero padding
+
+
+def _two_copies(memory_format=torch.contiguous_format):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(ilsgan.EqualConv2d(3, 8, 3), ilsgan.EqualConv2d(8, 8, 1, act=False, bias=False),
+                              torch.nn.Flatten(), ilsgan.EqualLinear(8 * 16, 1)).to(memory_format=memory_format)
+    return net, copy.deepcopy(net)
+
+
+def _loss(net, seed):
+    torch.manual_seed(seed)
+    return net(torch.randn(4, 3, 4, 4)).square().mean()
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_adam_on_the_flat_buffer_steps_every_parameter_as_adam_on_the_parameters(memory_format):
+    flat_net, ref = _two_copies(memory_format)
+    flat = ilsgan.flatten_parameters(flat_net)
+    assert all(p.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr() for p in flat_net.parameters())
+    opt = torch.optim.Adam([flat], lr=0.01, betas=(0.0, 0.99), fused=True)
+    opt_ref = torch.optim.Adam(ref.parameters(), lr=0.01, betas=(0.0, 0.99), fused=True)
+    before = [p.detach().clone() for p in ref.parameters()]
+    for seed in range(3):
+        ilsgan.optimizer_step(opt, torch.amp.GradScaler("cpu", enabled=False), _loss(flat_net, seed), flat)
+        opt_ref.zero_grad()
+        _loss(ref, seed).backward()
+        opt_ref.step()
+    for p, q, p0 in zip(flat_net.parameters(), ref.parameters(), before):
+        assert not torch.equal(q, p0)  # every parameter moved
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+    # an older checkpoint's per-parameter moments are laid out into the buffer, each in its place
+    resumed = torch.optim.Adam([flat], lr=0.01, betas=(0.0, 0.99), fused=True)
+    resumed.load_state_dict(ilsgan.flat_adam_state(opt_ref.state_dict(), flat_net, flat))
+    for k in ("exp_avg", "exp_avg_sq"):
+        torch.testing.assert_close(resumed.state[flat][k], opt.state[flat][k], rtol=1e-5, atol=1e-9)
+    assert resumed.state[flat]["step"].item() == 3
+
+
+def test_flat_parameters_keep_their_layout_and_values_and_get_their_gradients():
+    net = _two_copies(torch.channels_last)[0]
+    values = [p.detach().clone() for p in net.parameters()]
+    flat = ilsgan.flatten_parameters(net)
+    assert net[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert all(torch.equal(p, v) for p, v in zip(net.parameters(), values))
+    flat.grad.fill_(7.0)  # backward adds into the buffer, so it is zeroed before each step
+    flat.grad.zero_()
+    _loss(net, 0).backward()
+    _, ref = _two_copies()
+    _loss(ref, 0).backward()
+    for p, q in zip(net.parameters(), ref.parameters()):
+        assert p.grad.untyped_storage().data_ptr() == flat.grad.untyped_storage().data_ptr()
+        torch.testing.assert_close(p.grad, q.grad)
+    with torch.no_grad():
+        flat.zero_()
+    assert all((p == 0).all() for p in net.parameters())  # the parameters are the buffer
+
+
+def test_a_synthesis_networks_styles_in_one_product_are_each_layers_affine_map():
+    cfg = ilsgan.make_config("tiny")
+    syn = ilsgan.SynthesisNetwork(cfg, 3)
+    w = torch.randn(5, cfg.w_dim)
+    s_conv, s_rgb = syn.styles(w)
+    for layer, s in zip([*syn.convs, *syn.torgbs], [*s_conv, *s_rgb]):
+        torch.testing.assert_close(s, layer.affine(w), rtol=1e-6, atol=1e-6)
+
+
+def test_the_ema_follows_the_generator_with_its_half_life():
+    cfg = ilsgan.make_config("tiny")
+    state = ilsgan.State(cfg, torch.device("cpu"))
+    state.nimg = 10**7  # past the ramp-up: beta = 0.5 ** (batch / (ema_kimg * 1000))
+    ema0 = [p.detach().clone() for p in state.G_ema.parameters()]
+    ilsgan.train_step(state, torch.rand(cfg.batch, 3, 16, 16) * 2 - 1, cfg)
+    beta = 0.5 ** (cfg.batch / (cfg.ema_kimg * 1000))
+    for e, e0, g in zip(state.G_ema.parameters(), ema0, state.G.parameters()):
+        torch.testing.assert_close(e, g + beta * (e0 - g), rtol=1e-5, atol=1e-7)
+    assert not torch.equal(list(state.G_ema.parameters())[0], ema0[0])
