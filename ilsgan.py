@@ -2095,16 +2095,16 @@ def flatten_parameters(module, grads=True):
 def flat_adam_state(sd, module, flat):
     """An Adam state_dict saved with one entry per parameter (earlier versions of this file) -> the
     same moments laid out as `flat`; one saved for the flat buffer is returned as it is."""
-    params, state = list(module.parameters()), sd["state"]
+    state, group = sd["state"], dict(sd["param_groups"][0], params=[0])
     if len(sd["param_groups"][0]["params"]) == 1:
         return sd
+    if not state:  # saved before the first step: no moments yet
+        return dict(state={}, param_groups=[group])
     moments = {k: torch.zeros_like(flat) for k in ("exp_avg", "exp_avg_sq")}
-    for i, p in enumerate(params):
+    for i, p in enumerate(module.parameters()):
         for k, m in moments.items():
             m.as_strided(p.shape, p.stride(), p.storage_offset()).copy_(state[i][k])
-    step = state[0]["step"] if state else torch.zeros([])
-    return dict(state={0: dict(step=step, **moments)} if state else {},
-                param_groups=[dict(sd["param_groups"][0], params=[0])])
+    return dict(state={0: dict(step=state[0]["step"], **moments)}, param_groups=[group])
 
 
 class GridSample(torch.autograd.Function):

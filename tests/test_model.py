@@ -133,6 +133,9 @@ def test_adam_on_the_flat_buffer_steps_every_parameter_as_adam_on_the_parameters
     for k in ("exp_avg", "exp_avg_sq"):
         torch.testing.assert_close(resumed.state[flat][k], opt.state[flat][k], rtol=1e-5, atol=1e-9)
     assert resumed.state[flat]["step"].item() == 3
+    fresh = torch.optim.Adam(ref.parameters(), lr=0.01, betas=(0.0, 0.99), fused=True)  # saved before any step
+    resumed.load_state_dict(ilsgan.flat_adam_state(fresh.state_dict(), flat_net, flat))
+    assert not resumed.state
 
 
 def test_flat_parameters_keep_their_layout_and_values_and_get_their_gradients():
