@@ -5,34 +5,40 @@ maximise the Donsker-Varadhan lower bound
 
     I(X; Y) >= E_joint[T(x, y)] - log E_marginal[exp T(x, y')],     y' = y of a shuffled pair
 
-on generated layers, separately for the two region pairs of Eq. (11) and summed:
+on generated layers, for the two region pairs of Eq. (11), summed, and for the whole layers:
 
-    pair 1: x = f*m (visible foreground),   y = b*m (the background hidden under it)
-    pair 2: x = b*(1-m) (visible background), y = f*(1-m) (the foreground hidden under it)
-    whole:  x = f, y = b (the whole layers; Table 3 row E's quantity)
+    I(b_inv; f_vis):  x = f*m (the visible foreground), y = b*m (the background hidden under it)
+    I(b_vis; f_inv):  x = b*(1-m) (the visible background), y = f*(1-m) (the foreground hidden under it)
+    I(b; f):          x = f, y = b (the whole layers; Table 3 row E's quantity)
 
 Official protocol (qrzou/ILSGAN eval_MI_MINE.py): 10k samples, everything resized to 64x64, soft
-mask, T = an MLP on the flattened pair (24576 -> 3000 -> 1), Adam 2e-4, batch 64, 100k iterations,
-shuffling with replacement, ReduceLROnPlateau on the estimate, the DV bound evaluated on the whole
-training set every 400 iterations, and the mean of the last 20 evaluations reported. No moving-
-average gradient correction: that is the default here too, so that numbers compare with the paper;
-`--ma-rate 0.01` turns on the MINE paper's bias-corrected gradient, which is less biased for small
-batches but is not what the paper's figures used. The `cpu` preset (16x16, 2,000 samples, a
-narrower MLP, 3,000 iterations; the default on a CPU) runs in a few minutes on a 2-core CPU; its
-numbers are not comparable with the paper's, only with each other.
+mask, T = an MLP on the flattened pair (24576 -> 3000 -> 1); the two region networks trained
+jointly (one Adam at 2e-4 over both, their losses summed on the same batch of 64, one
+ReduceLROnPlateau stepped with the sum of their estimates, a non-finite batch skipped and not
+counted), 100k iterations, the marginal drawn with replacement; the bound evaluated on all samples in
+order every 400 iterations, and the mean of the last 20 evaluations reported for each pair. The
+whole layers are a run of their own. No moving-average gradient correction (the MINE paper's
+`--ma-rate 0.01` turns it on, but the paper's figures did not use it). The `cpu` preset (16x16,
+2,000 samples, a narrower MLP, fewer iterations; the default on a CPU) runs in seconds; its numbers
+compare only with each other.
 
     python mine.py --ckpt RUN_DIR_OR_CKPT [--preset official]
 
 Results are merged into the run's results.json under "mi" (nats).
 """
 import math
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+import data
 import ilsgan
+import runs
+from runs import InputError
 
 
 @dataclass
@@ -46,21 +52,23 @@ class MineConfig:
     iters: int = 100000  # training iterations of T
     eval_every: int = 400  # evaluate the DV bound on all samples every this many iterations
     last: int = 20  # report the mean of the last this many evaluations
-    ma_rate: float = 0.0  # MINE bias-corrected gradient with this moving-average rate; 0 = off (official)
+    ma_rate: float = 0.0  # MINE bias-corrected gradient with this moving-average rate, in [0, 1]; 0 = off (official)
     seed: int = 0  # generated samples and T
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
 
 PRESETS = {
     "official": dict(n=10000, res=64, hidden=3000, iters=100000, eval_every=400),
-    "cpu": dict(n=2000, res=16, hidden=512, iters=3000, eval_every=100),
+    "cpu": dict(n=2000, res=16, hidden=512, iters=1000, eval_every=50, last=10),
     "tiny": dict(n=64, res=8, hidden=16, iters=20, eval_every=10, batch=16),  # seconds; for tests
 }
 
 
 def make_config(preset="auto", **overrides):
     """MineConfig from a preset ('auto': cpu on a CPU, official on a GPU) and overrides."""
-    return ilsgan.companion_config(MineConfig, PRESETS, preset, **overrides)
+    if preset == "auto":
+        preset = "cpu" if ilsgan.parse_device(overrides.get("device") or "auto").type == "cpu" else "official"
+    return runs.with_overrides(MineConfig(**PRESETS[preset]), **overrides)
 
 
 class StatisticsNetwork(nn.Module):
@@ -98,92 +106,99 @@ def mine_step(T, x, y, ma, ma_rate):
 
 @torch.no_grad()
 def evaluate_bound(T, x, y, batch=128):
-    """DV bound over all samples in batches, fresh shuffle, averaged over batches (official)."""
-    T.eval()
-    perm, bounds = torch.randperm(len(x), device=x.device), []
-    for i in range(0, len(x), batch):
-        xb, yb = x[perm[i:i + batch]], y[perm[i:i + batch]]
-        bounds.append(dv_bound(T(xb, yb), T(xb, shuffled(yb))).item())
-    T.train()
+    """The DV bound over all samples in batches, in order (official), averaged over batches."""
+    bounds = [dv_bound(T(x[i:i + batch], y[i:i + batch]), T(x[i:i + batch], shuffled(y[i:i + batch]))).item()
+              for i in range(0, len(x), batch)]
     return sum(bounds) / len(bounds)
 
 
-def estimate_mi(x, y, mc, desc="MINE"):
-    """Train T on (x, y) pairs [N,...] and return (mean of the last `mc.last` evaluations, history)."""
+def estimate_mi(pairs, mc, desc="MINE"):
+    """Train one statistics network per (x, y) pair [N,...] jointly (one Adam over all of them, their
+    losses summed on the same batch, one plateau scheduler on the sum of their estimates) ->
+    ([mean of the last `mc.last` evaluations, per pair], history of the evaluations)."""
     from tqdm import tqdm
     torch.manual_seed(mc.seed)
-    T = StatisticsNetwork(x[0].numel(), y[0].numel(), mc.hidden).to(x.device)
-    opt = torch.optim.Adam(T.parameters(), lr=mc.lr, fused=True, foreach=None)
+    dev = pairs[0][0].device
+    Ts = [StatisticsNetwork(x[0].numel(), y[0].numel(), mc.hidden).to(dev) for x, y in pairs]
+    opt = torch.optim.Adam([p for T in Ts for p in T.parameters()], lr=mc.lr)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.1, patience=10, threshold=1e-4)
-    ma, history, skipped = None, [], torch.zeros([], dtype=torch.long, device=x.device)
-    bar = tqdm(range(1, mc.iters + 1), desc=desc, leave=False)
-    for it in bar:
-        idx = torch.randint(len(x), (mc.batch,), device=x.device)
-        loss, bound, ma = mine_step(T, x[idx], y[idx], ma, mc.ma_rate)
-        # official: a non-finite batch is skipped. Decided on the device, so no step waits to read the
-        # loss: fused Adam takes the flag as GradScaler hands it over (found_inf) and then changes
-        # nothing, neither the weights nor its moments nor its step count
-        bad = ~torch.isfinite(loss)
+    ma, history, it, lost = [None] * len(Ts), [], 0, 0
+    bar = tqdm(total=mc.iters, desc=desc, leave=False)
+    while it < mc.iters:
+        idx = torch.randint(len(pairs[0][0]), (mc.batch,), device=dev)
+        steps = [mine_step(T, x[idx], y[idx], a, mc.ma_rate) for T, (x, y), a in zip(Ts, pairs, ma)]
+        loss = sum(s[0] for s in steps)
+        if not torch.isfinite(loss):  # official: the batch is skipped and not counted
+            lost += 1
+            if lost > 100:
+                raise InputError("MINE's bound was non-finite on 100 batches in a row: lower --lr")
+            continue
+        lost, ma = 0, [s[2] for s in steps]
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.found_inf, skipped = bad.float(), skipped + bad
         opt.step()
+        it += 1
+        bar.update()
         if it % mc.eval_every == 0:
-            history.append(evaluate_bound(T, x, y))
-            sched.step(history[-1])
-            bar.set_postfix_str(f"MI {history[-1]:.3f}" + (f", {skipped.item()} non-finite batches skipped" if skipped else ""))
-    tail = history[-mc.last:] or [float("nan")]
-    return sum(tail) / len(tail), history
+            history.append([evaluate_bound(T, x, y) for T, (x, y) in zip(Ts, pairs)])
+            sched.step(sum(history[-1]))
+            bar.set_postfix_str("MI " + " + ".join(f"{v:.3f}" for v in history[-1]))
+    bar.close()
+    tail = history[-mc.last:]
+    estimates = [sum(h[j] for h in tail) / len(tail) for j in range(len(pairs))]
+    if not all(map(math.isfinite, estimates)):
+        raise InputError(f"MINE's estimates are not finite ({estimates}): lower --lr")
+    return estimates, history
 
 
 @torch.no_grad()
 def generated_layers(G, n, res, seed=0):
-    """n generated layers f, b, m resized to res, f and b clamped to the image range [-1, 1] (the
-    official estimator reads them back from PNGs)."""
-    f, b, m = [], [], []
-    for batch in ilsgan.sample(G, n, 256, seed):
-        for lst, v in ((f, batch["f"]), (b, batch["b"]), (m, batch["m"])):
-            lst.append(ilsgan.resize_images(v, res))
-    return torch.cat(f).clamp(-1, 1), torch.cat(b).clamp(-1, 1), torch.cat(m)
+    """n generated layers f, b, m (each layer's fixed noise, official) resized to res, f and b clamped
+    to the image range [-1, 1] (the official estimator reads them back from PNGs)."""
+    s = [{k: data.resize_images(v, res) for k, v in s.items()} for s in ilsgan.sample(G, n, 256, seed, noise="const")]
+    return torch.cat([x["f"] for x in s]).clamp(-1, 1), torch.cat([x["b"] for x in s]).clamp(-1, 1), torch.cat([x["m"] for x in s])
 
 
 def layer_pairs(f, b, m):
-    """The Eq. (11) region pairs and the whole layers of generated layers f, b, m."""
-    return {"vis_fg;inv_bg": (f * m, b * m), "vis_bg;inv_fg": (b * (1 - m), f * (1 - m)), "whole f;b": (f, b)}
+    """The Eq. (11) region pairs, each (x, y) = (a visible region, the hidden region under or over it)."""
+    return {"b_inv;f_vis": (f * m, b * m), "b_vis;f_inv": (b * (1 - m), f * (1 - m))}
 
 
 def evaluate(mc):
-    """Estimate all three MIs for one checkpoint; merge them into results.json; return the section."""
-    ilsgan.validate_fields(mc, positive=("res", "hidden", "lr", "eval_every", "last"), nonneg=("ma_rate",),
-                 rules=[("n", mc.n >= 2, "2 or more"), ("batch", mc.batch >= 2, "2 or more (pairs are shuffled within it)"),
-                        ("iters", mc.iters >= mc.eval_every, f"at least --eval-every ({mc.eval_every}), or nothing is measured")])
+    """Estimate the region MIs and the whole layers' for one checkpoint (its run's best.pt if FID kept
+    one, official) -> the 'mi' section, written into the run's results.json."""
+    runs.validate_fields(mc, positive=("res", "hidden", "lr", "eval_every", "last"), nonneg=("ma_rate", "seed"),
+                         rules=[("n", mc.n >= 2, "2 or more"), ("batch", mc.batch >= 2, "2 or more (pairs are shuffled within it)"),
+                                ("iters", mc.iters >= mc.eval_every, f"at least --eval-every ({mc.eval_every}), or nothing is measured"),
+                                ("ma_rate", mc.ma_rate <= 1, "at most 1 (a moving average's rate)"),
+                                ("seed", mc.seed < 2**63, "below 2^63")])
     dev = ilsgan.setup_device(ilsgan.parse_device(mc.device))
-    ckpt_path = ilsgan.find_checkpoint(mc.ckpt, best=True)  # official: the lowest-FID snapshot if any
-    dim = 3 * mc.res**2
-    ilsgan.require_memory({"the statistics network with its gradients and Adam's moments": 4 * 4 * (2 * dim + 2) * mc.hidden,
-                           "the layers and their pairs": mc.n * dim * 4 * 9}, dev, "--n, --res, --hidden")
-    with ilsgan.scoring(ckpt_path.parent, "mi", "MINE"):
-        return measure(mc, ckpt_path, dev)
-
-
-def measure(mc, ckpt_path, dev):
-    """evaluate()'s work, in the run folder it holds."""
-    _, G, _ = ilsgan.load_generator(ckpt_path, dev)
-    t0, out = time.time(), {}
-    for name, (x, y) in layer_pairs(*generated_layers(G, mc.n, mc.res, mc.seed)).items():
-        out[name], _ = estimate_mi(x, y, mc, desc=f"MINE {name}")
-    out["sum (Eq. 11)"] = out["vis_fg;inv_bg"] + out["vis_bg;inv_fg"]
-    section = dict(protocol=f"MINE ({ilsgan.preset_name(mc, PRESETS)} preset: {mc.n} samples at {mc.res}px, MLP {mc.hidden}, "
-                            f"{mc.iters} iters, mean of the last {mc.last} evaluations, ma_rate {mc.ma_rate})",
-                   nats=out, seconds=time.time() - t0)
-    ilsgan.write_results(ckpt_path.parent, "mi", section)
+    _, G, kimg = ilsgan.load_generator(mc.ckpt, dev, best=True)
+    folder = Path(mc.ckpt) if Path(mc.ckpt).is_dir() else Path(mc.ckpt).parent
+    with runs.scoring(folder, "mi", "MINE"):
+        t0, (f, b, m) = time.time(), generated_layers(G, mc.n, mc.res, mc.seed)
+        (e1, e2), _ = estimate_mi(list(layer_pairs(f, b, m).values()), mc, desc="MINE, Eq. (11) pairs")
+        (whole,), _ = estimate_mi([(f, b)], mc, desc="MINE, whole layers")
+        section = dict(protocol=f"MINE ({runs.preset_name(mc, PRESETS)} preset: {mc.n} samples at {mc.res}px, MLP "
+                                f"{mc.hidden}, {mc.iters} iters, the two region pairs trained jointly, mean of the last "
+                                f"{mc.last} evaluations, ma_rate {mc.ma_rate})", kimg=kimg,
+                       nats={"b_inv;f_vis": e1, "b_vis;f_inv": e2, "sum (Eq. 11)": e1 + e2, "b;f": whole},
+                       seconds=time.time() - t0)
+        runs.write_results(folder, "mi", section)
     return section
 
 
 def main(argv=None):
-    section = ilsgan.companion_main(MineConfig, PRESETS, __doc__, argv, evaluate)
-    for k, v in section["nats"].items():
-        print(f"MI {k:16s} {v:7.3f} nats")
+    args = runs.config_parser(MineConfig, PRESETS, __doc__.split("\n")[0]).parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(map(str, argv))
+
+    def body():
+        mc = make_config(args.preset or "auto", **runs.given(args, MineConfig))
+        if not mc.ckpt:
+            raise InputError("--ckpt RUN_DIR_OR_CKPT is required")
+        for k, v in evaluate(mc)["nats"].items():
+            print(f"MI {k:14s} {v:7.3f} nats")
+    runs.error_boundary(body, lambda: f"python mine.py {' '.join(argv)} (it starts over)")
 
 
 if __name__ == "__main__":

@@ -4,18 +4,21 @@ ILSGAN only *generates* (image, mask) pairs. The paper ("Evaluation") and the of
 (qrzou/ILSGAN: gen_and_seg.py, analyze_whole_training_process.py, eval_segmentation*.py) measure
 segmentation by training a U-Net on those pairs and scoring it on real images with ground truth:
 
-    1. G_ema draws N pairs (official: 10,000), truncation 1, mask thresholded at 0.5.
+    1. G_ema draws N pairs (official: 10,000 after a 64 px run, 50,000 for a 128 px one), truncation 1,
+       each layer's fixed noise (noise_mode 'const'), the mask thresholded at 0.5.
     2. A U-Net (64-128-256-512-512 channels, BatchNorm, bilinear up-sampling, 2-class logits) is
        trained on the first 90%: Adam, batch 64, 6000 iterations at a constant lr of 1e-3 (the
        official scripts build a StepLR(4000, 0.2) but never call its step()), colour augmentation
        (brightness, contrast, luma flip, hue, saturation, each with p = 0.5).
-    3. The weights with the best dataset-level foreground IoU on the last 10% are kept.
+    3. Validated at iterations 20, 1020, 2020, ... and the last, the weights with the best dataset-level
+       foreground IoU on the last 10% are kept (unet.pt in the run folder, for --segment).
     4. They are scored once on the real test split. The paper's figures are per-image foreground
        IoU and DICE averaged over images (the DRC protocol); we also report dataset-level
        foreground IoU, mean IoU (fg, bg) and pixel accuracy. An image whose prediction and truth
        are both empty scores IoU = DICE = 1 (DRC would produce NaN there).
     For 128 px runs the official protocol segments at 64 px: generated pairs and test images are
-    resized to 64, and the logits are upsampled x2 (bilinear) before the argmax at 128.
+    resized to 64, and the logits are upsampled x2 (bilinear) before the argmax at 128, against the
+    128 px masks in validation and in the test.
 
 The `cpu` preset (fewer pairs, narrower U-Net, fewer iterations) serves the default demo; without
 --preset, a CPU gets it and a GPU the official one. It also turns on two augmentations of ours: random
@@ -23,13 +26,18 @@ flips and quarter-turns of the training pairs (`--flip-rotate`) and random shado
 official protocol augments colour only.
 
     python unet_eval.py --ckpt RUN_DIR_OR_CKPT [--dataset ...] [--data-root ...] [--preset official]
+    python unet_eval.py --ckpt RUN_DIR --segment PHOTOS_OR_FOLDERS --out MASKS [--soft]   # your own images
 
-Writes results.json (fractions in [0, 1], protocol named) and segmentation.png (test images with
-predicted outlines in red and true outlines in green) into the run folder.
+Writes results.json (fractions in [0, 1], protocol named), segmentation.png (test images with
+predicted outlines in red and true outlines in green) and unet.pt (the U-Net kept) into the run
+folder. --segment applies unet.pt to images (files or folders, searched recursively; `test`: the run's
+test split): one mask per image under --out, its relative name with .png, 0/255 (--soft: the
+probability) at the image's own size, segmented at the U-Net's resolution with the logits upsampled
+before the threshold, and contact.png, the first images with their outlines.
 """
 import copy
-import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +45,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
 
+import data
 import ilsgan
+import runs
+from runs import InputError
 
 
 @dataclass
@@ -46,31 +59,34 @@ class EvalConfig:
     ckpt: str = ""  # run folder or checkpoint file
     dataset: str = ""  # test set; default: the run's own dataset
     data_root: str = ""  # default: the run's own data root
-    n: int = 10000  # generated pairs (90% train, 10% validation)
+    n: int = 0  # generated pairs (90% train, 10% validation); 0 = official: 10,000, or 50,000 for a run above seg_res (128 px)
     width: int = 64  # U-Net base width: channels width * (1, 2, 4, 8, 8)
     iters: int = 6000  # U-Net training iterations
     batch: int = 64  # U-Net batch size
     lr: float = 1e-3  # Adam learning rate
     lr_step: int = 0  # lr x0.2 at this iteration; 0 = constant (official: its StepLR is never stepped)
-    val_every: int = 1000  # validate at iteration 20 and then every this many (official 1000)
+    val_every: int = 1000  # validate at iteration 20 and every this many after it (official 1000: 20, 1020, ...)
     seg_res: int = 64  # official: segment at 64 px at most (128 px runs: upsample the logits)
     seed: int = 0  # generated pairs and U-Net
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     oracle: bool = False  # train on the dataset's real training masks instead: the U-Net's ceiling
     flip_rotate: bool = False  # ours: each batch of pairs gets one of the 8 flips / quarter-turns
     shadows: bool = False  # ours: darken each image beyond up to two random straight lines (random shadows)
+    skip_unmasked: bool = False  # folder datasets: skip (and count) test images without a mask; default: an error
 
 
 PRESETS = {
-    "official": dict(n=10000, width=64, iters=6000, lr_step=0, val_every=1000),
-    "cpu": dict(n=3000, width=16, iters=600, lr_step=400, val_every=200, flip_rotate=True, shadows=True),
+    "official": dict(n=0, width=64, iters=6000, lr_step=0, val_every=1000),
+    "cpu": dict(n=3000, width=16, iters=300, lr_step=200, val_every=140, flip_rotate=True, shadows=True),
     "tiny": dict(n=64, width=4, iters=20, batch=16, val_every=10),  # seconds; for tests
 }
 
 
 def make_config(preset="auto", **overrides):
     """EvalConfig from a preset ('auto': cpu on a CPU, official on a GPU) and overrides."""
-    return ilsgan.companion_config(EvalConfig, PRESETS, preset, **overrides)
+    if preset == "auto":
+        preset = "cpu" if ilsgan.parse_device(overrides.get("device") or "auto").type == "cpu" else "official"
+    return runs.with_overrides(EvalConfig(**PRESETS[preset]), **overrides)
 
 
 # --- metrics ---------------------------------------------------------------------------------
@@ -107,8 +123,7 @@ def iou_by_size(pred, gt, groups=3):
     area = gt.flatten(1).double().mean(1)
     out = {}
     for idx in area.argsort().chunk(groups):
-        r = seg_metrics(pred[idx], gt[idx])
-        out[f"{area[idx].min().item():.2f}-{area[idx].max().item():.2f}"] = r["iou"]
+        out[f"{area[idx].min().item():.2f}-{area[idx].max().item():.2f}"] = seg_metrics(pred[idx], gt[idx])["iou"]
     return out
 
 
@@ -159,8 +174,6 @@ class UNet(nn.Module):
 
 def resize_masks(m, res):
     """bool [N,1,H,W] -> bool [N,1,res,res] (bilinear, then > 0.5, as the official loaders)."""
-    if m.shape[-1] == res:
-        return m
     return F.interpolate(m.float(), size=(res, res), mode="bilinear", align_corners=False, antialias=True) > 0.5
 
 
@@ -168,13 +181,12 @@ def resize_masks(m, res):
 def generate_pairs(G, n, seed=0, batch=256):
     """n pairs from G: images uint8 [n,3,H,W] (as the official PNGs), masks bool [n,1,H,W] (m >= 0.5),
     and the mean soft-mask statistics (area, binarisation) of the generator."""
-    from tqdm import tqdm
     xs, ms, area, binary = [], [], 0.0, 0.0
-    for s in tqdm(ilsgan.sample(G, n, batch, seed), total=-(-n // batch), desc="generating pairs", leave=False):
+    for s in tqdm(ilsgan.sample(G, n, batch, seed, noise="const"), total=-(-n // batch), desc="generating pairs", leave=False):
         xs.append(((s["x"] * 127.5 + 128).clamp(0, 255)).to(torch.uint8).cpu())  # official: truncating cast
         ms.append((s["m"] >= 0.5).cpu())
         area += s["m"].sum().item()
-        binary += torch.minimum(s["m"], 1 - s["m"]).sum().item()
+        binary += ilsgan.binarization_loss(s["m"]).item() * s["m"].numel()
     x, m = torch.cat(xs), torch.cat(ms)
     return x, m, dict(gen_mask_area=area / m.numel(), gen_mask_binary=binary / m.numel())
 
@@ -206,7 +218,7 @@ def random_shadows(x, lines=2, p=0.5):
     each line with probability p: a brightness edge inside an object is then not always its boundary."""
     B, _, H, W = x.shape
     dev = x.device
-    yy, xx = ilsgan.pixel_grid(H, dev)
+    yy, xx = data.pixel_grid(H, dev)
     gain = torch.ones(B, 1, H, W, device=dev)
     for _ in range(lines):
         angle, offset = torch.rand(B, 1, 1, 1, device=dev) * 2 * math.pi, torch.rand(B, 1, 1, 1, device=dev) - 0.5
@@ -216,11 +228,11 @@ def random_shadows(x, lines=2, p=0.5):
     return (x + 1) * gain - 1
 
 
-def train_unet(x, m, ec, dev):
-    """Train on the first 90% of (x, m), keep the weights with the best val dataset-level IoU."""
-    from tqdm import tqdm
+def train_unet(x, m, ec, dev, m_val):
+    """Train on the first 90% of (x, m), keep the weights with the best dataset-level IoU on the last 10%
+    of m_val, the same masks at the run's resolution (the U-Net's logits are upsampled to it)."""
     n_train = int(len(x) * 0.9)
-    x, m = x.to(dev), m[:, 0].long().to(dev)
+    x, m, m_val = x.to(dev), m[:, 0].long().to(dev), m_val[n_train:, 0]
     torch.manual_seed(ec.seed)
     net = UNet(ec.width).to(dev)
     opt = torch.optim.Adam(net.parameters(), lr=ec.lr)
@@ -238,14 +250,16 @@ def train_unet(x, m, ec, dev):
         loss.backward()
         opt.step()
         sched.step()
-        if it == 20 or it % ec.val_every == 0 or it == ec.iters:
-            val = seg_metrics(predict(net, x[n_train:], x.shape[-1]), m[n_train:].bool().cpu())
+        if (it >= 20 and (it - 20) % ec.val_every == 0) or it == ec.iters:  # official: iterations 20, 1020, ...
+            val = seg_metrics(predict(net, x[n_train:], m_val.shape[-1]), m_val)
             history.append(dict(iter=it, loss=loss.item(), **val))
             bar.set_postfix_str(f"loss {loss.item():.3f} val IoU {val['iou_dataset']:.3f}")
             if val["iou_dataset"] > best_iou:
                 best_iou, best = val["iou_dataset"], copy.deepcopy(net.state_dict())
+    if best is None:
+        raise InputError("the U-Net's validation IoU was never a number (its loss became non-finite): lower --lr")
     net.load_state_dict(best)
-    return net, history
+    return net.eval(), history
 
 
 def outline(m):
@@ -257,118 +271,135 @@ def outline(m):
 def save_outlines(x, pred, gt, path, n=32):
     """Test images with predicted (red) and true (green) mask outlines, upscaled for viewing."""
     from torchvision.utils import save_image
-    img = (ilsgan.to_float(x[:n]) + 1) / 2 if x.dtype == torch.uint8 else (x[:n] + 1) / 2
     res = gt.shape[-1]
-    img = F.interpolate(img, size=(res, res), mode="bilinear", align_corners=False)
+    img = (data.resize_images(x[:n], res) + 1) / 2
     scale = max(1, 128 // res)
     img = F.interpolate(img, scale_factor=scale, mode="nearest")
     p = F.interpolate(pred[:n, None].float(), scale_factor=scale, mode="nearest") > 0.5
     g = F.interpolate(gt[:n, None].float(), scale_factor=scale, mode="nearest") > 0.5
     red, green = torch.tensor([1.0, 0, 0])[None, :, None, None], torch.tensor([0, 1.0, 0])[None, :, None, None]
-    img = torch.where(outline(g), green, img)
-    img = torch.where(outline(p), red, img)
-    with ilsgan.replaced(path) as tmp:  # a killed write leaves the previous picture
+    img = torch.where(outline(p), red, torch.where(outline(g), green, img))
+    with runs.replaced(path) as tmp:
         save_image(img, tmp, nrow=8, padding=2, pad_value=1, format="png")
 
 
 def evaluate(ec):
-    """The whole protocol for one checkpoint; returns the 'segmentation' section of results.json."""
-    ilsgan.validate_fields(ec, positive=("width", "iters", "batch", "lr", "val_every"), nonneg=("lr_step",),
-                 rules=[("n", ec.n >= 10, "10 or more (90% train the U-Net, 10% validate it)"),
-                        ("seg_res", ec.seg_res >= 16 and ec.seg_res & (ec.seg_res - 1) == 0, "a power of two, 16 or more")])
+    """The whole protocol for one checkpoint (its run's best.pt if FID kept one, official) -> the
+    'segmentation' (or 'oracle') section, written into the run's results.json."""
+    runs.validate_fields(ec, positive=("width", "iters", "batch", "lr", "val_every"), nonneg=("lr_step", "seed"),
+                         rules=[("n", ec.n == 0 or ec.n >= 10, "0 (official) or 10 or more (90% train the U-Net, 10% validate it)"),
+                                ("seg_res", ec.seg_res >= 16 and ec.seg_res & (ec.seg_res - 1) == 0,
+                                 "a power of two, 16 or more"), ("seed", ec.seed < 2**63, "below 2^63")])
     dev = ilsgan.setup_device(ilsgan.parse_device(ec.device))
-    ckpt_path = ilsgan.find_checkpoint(ec.ckpt, best=True)  # official: the lowest-FID snapshot if any
-    with ilsgan.scoring(ckpt_path.parent, "oracle" if ec.oracle else "segmentation", "the U-Net distillation"):
-        return score(ec, ckpt_path, dev)
-
-
-def score(ec, ckpt_path, dev):
-    """evaluate()'s work, in the run folder it holds."""
-    cfg, G, kimg = ilsgan.load_generator(ckpt_path, dev)
+    cfg, G, kimg = ilsgan.load_generator(ec.ckpt, dev, best=True)
+    folder = Path(ec.ckpt) if Path(ec.ckpt).is_dir() else Path(ec.ckpt).parent
     dataset, root = ec.dataset or cfg.dataset, ec.data_root or cfg.data_root
-    seg_res = min(cfg.resolution, ec.seg_res)
-    validate_sizes(ec, seg_res, dev)
-    t0 = time.time()
-    x_test, m_test = ilsgan.load_dataset(dataset, root, cfg.resolution, "test", cfg.n_train, cfg.bgr, cfg.skip_unmasked)
-    if m_test is None:
-        raise ilsgan.InputError(f"dataset {dataset!r} has no test masks to score against")
-    if ec.oracle:  # same protocol, but supervised by real training masks: what the U-Net alone can reach
-        x_gen, m_gen = ilsgan.load_dataset(dataset, root, cfg.resolution, "train", cfg.n_train, cfg.bgr)
-        if m_gen is None:
-            raise ilsgan.InputError(f"dataset {dataset!r} has no training masks for --oracle")
-        x_gen, m_gen, gen_stats = x_gen[:ec.n], m_gen[:ec.n], {}
-    else:
-        x_gen, m_gen, gen_stats = generate_pairs(G, ec.n, ec.seed)
-    net, history = train_unet(ilsgan.resize_images(x_gen, seg_res), resize_masks(m_gen, seg_res), ec, dev)
-    pred = predict(net, ilsgan.resize_images(x_test, seg_res).to(dev), cfg.resolution)
-    gt = m_test[:, 0]
-    test = dict(seg_metrics(pred, gt), iou_by_size=iou_by_size(pred, gt))
-    # trivial baselines on the same test split
-    baselines = {"all foreground": seg_metrics(torch.ones_like(gt), gt)}
-    _, m_train = ilsgan.load_dataset(dataset, root, cfg.resolution, "train", cfg.n_train, cfg.bgr)
-    if m_train is not None:
-        mean_mask = m_train[:, 0].float().mean(0) >= 0.5
-        baselines["mean training mask"] = seg_metrics(mean_mask.expand_as(gt), gt)
+    if dataset != "synthetic" and folder.resolve().is_relative_to(Path(root).expanduser().resolve()):
+        raise InputError(f"{folder} lies inside the data root {root}: the scores go into the run folder, never into data")
     tag = "oracle" if ec.oracle else "segmentation"
-    save_outlines(x_test, pred, gt, ckpt_path.parent / f"{tag}.png")
-    extras = ", random flips and quarter-turns" if ec.flip_rotate else ""
-    extras += ", random shadows" if ec.shadows else ""
-    preset = ilsgan.preset_name(ec, PRESETS)
-    out = dict(protocol=("ORACLE: U-Net trained on real training masks, not on generated pairs; " if ec.oracle else "")
-               + f"U-Net distillation ({preset} preset: {ec.n} pairs, width {ec.width}, {ec.iters} iters{extras}), "
-                        f"segmented at {seg_res}px, scored at {cfg.resolution}px on the {dataset} test split; "
-                        "iou/dice: per-image foreground, averaged over images (DRC)",
-               checkpoint=str(ckpt_path), kimg=kimg, seg_res=seg_res, test=test, baselines=baselines, **gen_stats,
-               n_test=len(gt), unet_val=history, seconds=time.time() - t0)
-    ilsgan.write_results(ckpt_path.parent, tag, out)
-    return out
+    with runs.scoring(folder, tag, "the U-Net distillation"):
+        t0, seg_res = time.time(), min(cfg.resolution, ec.seg_res)
+        x_test, m_test = data.load(dataset, root, cfg.resolution, "test", cfg.n_train, cfg.bgr, ec.skip_unmasked, cfg.context)
+        if m_test is None:
+            raise InputError(f"dataset {dataset!r} has no test masks to score against")
+        x_train, m_train = data.load(dataset, root, cfg.resolution, "train", cfg.n_train, cfg.bgr, context=cfg.context)
+        n = ec.n or (50000 if cfg.resolution > ec.seg_res else 10000)  # official: 50,000 for 128 px runs
+        if ec.oracle:  # the same protocol supervised by real training masks: what the U-Net alone reaches
+            if m_train is None:
+                raise InputError(f"dataset {dataset!r} has no training masks for --oracle")
+            x_gen, m_gen, gen_stats = x_train[:n], m_train[:n], {}
+        else:
+            x_gen, m_gen, gen_stats = generate_pairs(G, n, ec.seed)
+        net, history = train_unet(data.resize_images(x_gen, seg_res), resize_masks(m_gen, seg_res), ec, dev, m_gen)
+        pred, gt = predict(net, data.resize_images(x_test, seg_res).to(dev), cfg.resolution), m_test[:, 0]
+        baselines = {"all foreground": seg_metrics(torch.ones_like(gt), gt)}  # trivial ones, same test split
+        if m_train is not None:
+            baselines["mean training mask"] = seg_metrics((m_train[:, 0].float().mean(0) >= 0.5).expand_as(gt), gt)
+        save_outlines(x_test, pred, gt, folder / f"{tag}.png")
+        if not ec.oracle:  # the U-Net kept for --segment: tensors and plain values (weights_only=True)
+            with runs.replaced(folder / "unet.pt") as tmp:
+                torch.save(dict(weights=net.state_dict(), width=ec.width, seg_res=seg_res, inputs="RGB in [-1, 1]",
+                                kimg=kimg, code=runs.code_version()), tmp)
+        extras = (", random flips and quarter-turns" if ec.flip_rotate else "") + (", random shadows" if ec.shadows else "")
+        section = dict(protocol=("ORACLE: U-Net trained on real training masks, not on generated pairs; " if ec.oracle
+                                 else "") + f"U-Net distillation ({runs.preset_name(ec, PRESETS)} preset: {n} pairs, "
+                       f"width {ec.width}, {ec.iters} iters{extras}, each layer's fixed noise), segmented at {seg_res}px, scored at "
+                       f"{cfg.resolution}px on the {dataset} test split; iou/dice: per-image foreground, averaged over images (DRC)",
+                       kimg=kimg, seg_res=seg_res, test=dict(seg_metrics(pred, gt), iou_by_size=iou_by_size(pred, gt)),
+                       baselines=baselines, **gen_stats, n_test=len(gt), unet_val=history, seconds=time.time() - t0)
+        runs.write_results(folder, tag, section)
+    return section
 
 
-def validate_sizes(ec, res, dev):
-    """The U-Net (built on the meta device) with its gradients and Adam's moments, the pairs, and a
-    lower bound of a batch's activations must fit in the device's memory."""
-    with torch.device("meta"):
-        n_params = sum(p.numel() for p in UNet(ec.width).parameters())
-    ilsgan.require_memory({"the U-Net with its gradients and Adam's moments": 4 * 4 * n_params,
-                           "the generated pairs": ec.n * 3 * res**2 * 5,
-                           "one batch's activations": ec.batch * ec.width * res**2 * 4 * 8}, dev, "--n, --width, --batch")
-
-
-def print_table(seg):
-    """The segmentation table of one evaluation (a results.json 'segmentation' or 'oracle' section)."""
-    print(f"\n{'on the ' + str(seg['n_test']) + ' test images':34s} {'IoU':>6s} {'DICE':>6s}")
-    name = "ORACLE: U-Net on real masks" if seg["protocol"].startswith("ORACLE") else "ILSGAN -> U-Net (per image)"
-    print(f"{name:34s} {seg['test']['iou']:6.3f} {seg['test']['dice']:6.3f}")
-    for name, b in seg["baselines"].items():
-        print(f"{'baseline: ' + name:34s} {b['iou']:6.3f} {b['dice']:6.3f}")
-    gen = (f"generator masks: area {seg['gen_mask_area']:.3f}, binarisation loss {seg['gen_mask_binary']:.3f} | "
-           if "gen_mask_area" in seg else "")
-    print(f"{gen}dataset-level IoU {seg['test']['iou_dataset']:.3f}, mIoU {seg['test']['miou']:.3f}, "
-          f"pixel acc {seg['test']['pacc']:.3f}")
-    t = seg["test"]
-    sizes = ", ".join(f"{k} {v:.3f}" for k, v in t["iou_by_size"].items())
-    print(f"IoU lost to missed foreground {t['missed']:.3f}, to false foreground {t['extra']:.3f} | "
-          f"IoU by true object area: {sizes}")
-
-
-def print_closing_table(run_dir):
-    """The main job's last words: the segmentation table, MINE's MI and the best FID, all read from
-    the run folder (results.json, fid.jsonl), where the evaluations wrote them."""
-    results = json.loads((Path(run_dir) / "results.json").read_text())
-    print_table(results["segmentation"])
-    if "mi" in results:
-        n = results["mi"]["nats"]
-        print(f"MI (MINE, nats): visible fg ; hidden bg {n['vis_fg;inv_bg']:.3f}, visible bg ; hidden fg "
-              f"{n['vis_bg;inv_fg']:.3f}, sum {n['sum (Eq. 11)']:.3f}, whole layers {n['whole f;b']:.3f}")
-    fids = ilsgan.read_fid_log(run_dir)
-    best = min(fids, key=lambda r: r["fid"]) if fids else None
-    print(f"FID: {best['fid']:.2f} at {best['kimg']:.0f} kimg ({best['n']} samples, the best snapshot)" if best else
-          "FID: off for this run (--fid-n N at training time computes it at every snapshot)")
-    print(f"results: {Path(run_dir) / 'results.json'}, picture: {Path(run_dir) / 'segmentation.png'}")
+@torch.no_grad()
+def segment(run, inputs, out, soft=False, device="auto"):
+    """The run's unet.pt applied to images: files, folders (searched recursively) or `test`, the run's
+    test split -> one mask per image under `out` and contact.png; unreadable files are skipped, named."""
+    dev, out = ilsgan.setup_device(ilsgan.parse_device(device)), Path(out)
+    folder = Path(run) if Path(run).is_dir() else Path(run).parent
+    try:
+        saved = torch.load(folder / "unet.pt", map_location=dev, weights_only=True)
+        net = UNet(saved["width"]).to(dev).eval()
+        net.load_state_dict(saved["weights"])
+    except Exception as e:
+        raise InputError(f"{folder / 'unet.pt'} is not a U-Net this program kept ({str(e)[:160]}): score the run first") from None
+    if inputs == ["test"]:
+        cfg = ilsgan.read_checkpoint(folder)[0]
+        x = data.load(cfg.dataset, cfg.data_root, cfg.resolution, "test", cfg.n_train, cfg.bgr, True, cfg.context)[0]
+        items = [(f"{i:04d}.png", x[i]) for i in range(len(x))]
+    else:
+        paths = [Path(p).expanduser() for p in inputs]
+        for p in paths:
+            if not p.exists() or out.resolve().is_relative_to(p.resolve()) or p.resolve().is_relative_to(out.resolve()):
+                raise InputError(f"{p}: no such file or folder" if not p.exists() else
+                                 f"--out {out} and the input {p} lie one inside the other: the masks go to a folder of their own")
+        items = [(str(f.relative_to(p)) if p.is_dir() else f.name, f) for p in paths for f in
+                 (sorted(q for q in p.rglob("*") if q.suffix.lower() in data.IMAGE_EXTS) if p.is_dir() else [p])]
+    runs.make_writable(out)
+    sheet, skipped = [], []
+    for name, item in tqdm(items, desc="segmenting", leave=False):
+        try:
+            img = torch.from_numpy(data.read_rgb(item)).permute(2, 0, 1) if isinstance(item, Path) else item
+        except InputError as e:
+            skipped.append(str(e))
+            continue
+        logits = net(data.resize_images(img[None].to(dev), saved["seg_res"]))
+        prob = F.interpolate(logits, size=img.shape[1:], mode="bilinear", align_corners=False).softmax(1)[0, 1].cpu()
+        mask = (prob * 255).round() if soft else (prob > 0.5) * 255.0  # > 0.5: the argmax of two classes
+        target = (out / name).with_suffix(".png")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with runs.replaced(target) as tmp:
+            Image.fromarray(mask.to(torch.uint8).numpy()).save(tmp, format="PNG")
+        if len(sheet) < 32:
+            sheet.append((data.resize_images(img[None], 128)[0], F.interpolate(prob[None, None], size=(128, 128))[0, 0] > 0.5))
+    if sheet:
+        xs, ms = torch.stack([a for a, _ in sheet]), torch.stack([b for _, b in sheet])
+        save_outlines(xs, ms, ms, out / "contact.png")
+    print(f"wrote {len(items) - len(skipped)} masks to {out}" + (f"; skipped {len(skipped)} unreadable: " + "; ".join(skipped)
+                                                                 if skipped else ""))
+    return len(items) - len(skipped), skipped
 
 
 def main(argv=None):
-    print_table(ilsgan.companion_main(EvalConfig, PRESETS, __doc__, argv, evaluate))
+    ap = runs.config_parser(EvalConfig, PRESETS, __doc__.split("\n")[0])
+    ap.add_argument("--segment", nargs="+", metavar="PATH", help="apply the run's unet.pt to these images or folders "
+                    "(`test`: its test split) instead of scoring it")
+    ap.add_argument("--out", help="--segment: the folder of the masks")
+    ap.add_argument("--soft", action="store_true", help="--segment: write the probability (0-255), not 0/255")
+    args = ap.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(map(str, argv))
+
+    def body():
+        ec = make_config(args.preset or "auto", **runs.given(args, EvalConfig))
+        if not ec.ckpt:
+            raise InputError("--ckpt RUN_DIR_OR_CKPT is required")
+        if args.segment:
+            if not (args.out or "").strip():
+                raise InputError("--segment needs --out, the folder of the masks")
+            return segment(ec.ckpt, args.segment, args.out, args.soft, ec.device)
+        folder = Path(ec.ckpt) if Path(ec.ckpt).is_dir() else Path(ec.ckpt).parent
+        runs.print_scores(folder, {"oracle" if ec.oracle else "segmentation": evaluate(ec)})
+    runs.error_boundary(body, lambda: f"python unet_eval.py {' '.join(argv)} (it starts over)")
 
 
 if __name__ == "__main__":

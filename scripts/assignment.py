@@ -3,7 +3,6 @@
     python scripts/assignment.py --list                              # the gradable functions
     python scripts/assignment.py club ils_mi_loss --out hw1          # a student copy with those blanked
     python scripts/assignment.py --grade hw1                          # a score per function, with this project's tests
-    python scripts/assignment.py --table                             # the README's equation table
 
 A student copy is the whole project with the chosen functions' bodies replaced by
 `raise NotImplementedError(...)`; their signatures and docstrings stay. It records the assignment in
@@ -12,8 +11,8 @@ the tests of those functions, the instructor's (from the grading script's projec
 against the student's modules, and prints per function how many pass: tests the student changed or
 added never run. The project's own files are never modified.
 
-EQUATIONS is the one map from equation to function to test: the README's table is printed from it
-(`--table`, checked by the test suite), and tests/test_assignment.py checks that every function's
+EQUATIONS is the one map from equation to function to test: the README's table is `readme_table()`
+(checked by the test suite), and tests/test_tools.py checks that every function's
 tests fail when its body is blanked and for a plausible mistake.
 """
 import argparse
@@ -23,13 +22,14 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from runs import InputError, error_boundary  # noqa: E402
 
 # (equation, what it is, [(module, function, [tests in tests/<file>::<name>])]), in the paper's order
 EQUATIONS = [
@@ -49,7 +49,7 @@ EQUATIONS = [
     ("Eq. (5)", "R1 and the ILS weight's warm-up (the objectives themselves: `train_step`)", [
         ("ilsgan", "r1_penalty", ["test_equations.py::test_r1_of_a_linear_discriminator_is_squared_weight_norm"]),
         ("ilsgan", "ils_weight", ["test_equations.py::test_ils_weight_schedule_matches_official_at_8000_kimg"])]),
-    ("Eq. (8)-(9)", "CLUB with a Laplace `q`", [
+    ("Eq. (7)-(9)", "CLUB with a Laplace `q`", [
         ("ilsgan", "club", ["test_equations.py::test_club_is_zero_for_independent_and_large_for_copied_layers",
                             "test_equations.py::test_club_known_answer_laplace_and_gaussian"])]),
     ("Eq. (10)-(12)", "ILS-MI on visible/hidden regions; Table 3's ablation switches", [
@@ -60,13 +60,13 @@ EQUATIONS = [
     ("Eq. (13)", "ILS-L1", [
         ("ilsgan", "ils_l1_loss", ["test_equations.py::test_ils_l1_known_answer_and_detached_visible_layer"])]),
     ("StyleGAN2", "modulated conv (and its x2 upsampling)", [
-        ("ilsgan", "modulated_conv2d", ["test_model.py::test_grouped_modulated_conv_equals_per_sample_loop",
-                                        "test_model.py::test_demodulation_gives_unit_variance_outputs",
-                                        "test_model.py::test_upsampling_modulated_conv_equals_its_definition"])]),
+        ("ilsgan", "modulated_conv2d", ["test_networks.py::test_modulated_conv_equals_the_per_sample_definition",
+                                        "test_networks.py::test_demodulation_gives_unit_variance_outputs",
+                                        "test_networks.py::test_upsampling_modulated_conv_equals_its_definition"])]),
     ("ADA", "p controller", [
         ("ilsgan", "ada_adjust", ["test_equations.py::test_ada_adjust_step_and_clamp"])]),
     ("MINE", "Donsker-Varadhan bound (`mine.py`)", [
-        ("mine", "dv_bound", ["test_mine.py::test_dv_bound_known_answer"])]),
+        ("mine", "dv_bound", ["test_evaluations.py::test_dv_bound_known_answer"])]),
 ]
 FUNCTIONS = {name: (eq, module, tests) for eq, _, rows in EQUATIONS for module, name, tests in rows}
 
@@ -85,7 +85,7 @@ def blank(source, name, eq):
     """source with function `name`'s body replaced by a NotImplementedError; signature and docstring kept."""
     node = next((n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.FunctionDef) and n.name == name), None)
     if node is None:
-        raise SystemExit(f"error: no function {name} in the source")
+        raise InputError(f"no function {name} in the source")
     body = node.body[1:] if ast.get_docstring(node) is not None else node.body
     lines = source.splitlines(keepends=True)
     indent = re.match(r"\s*", lines[body[0].lineno - 1]).group()
@@ -102,16 +102,18 @@ def test_hashes(project):
 def make_copy(names, out):
     unknown = [n for n in names if n not in FUNCTIONS]
     if unknown:
-        raise SystemExit(f"error: not gradable: {', '.join(unknown)} (python scripts/assignment.py --list)")
+        raise InputError(f"not gradable: {', '.join(unknown)} (python scripts/assignment.py --list)")
     if not str(out).strip():
-        raise SystemExit("error: --out is empty: give a folder for the student copy")
+        raise InputError("--out is empty: give a folder for the student copy")
     out = Path(out).resolve()
     if out == ROOT or ROOT in out.parents:
-        raise SystemExit(f"error: --out {out} is inside the project; the student copy goes elsewhere")
+        raise InputError(f"--out {out} is inside the project; the student copy goes elsewhere")
     if out.exists() and not out.is_dir():
-        raise SystemExit(f"error: --out {out} is a file; give a folder for the student copy")
+        raise InputError(f"--out {out} is a file; give a folder for the student copy")
     if out.exists() and any(out.iterdir()):
-        raise SystemExit(f"error: --out {out} is not empty")
+        raise InputError(f"--out {out} is not empty")
+    if any(p.exists() and not p.is_dir() for p in out.parents):
+        raise InputError(f"--out {out} lies below a file; give a folder")
     shutil.copytree(ROOT, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns(
         ".git", "runs", "__pycache__", ".pytest_cache", "*.tmp", "*.pt", "ASSIGNMENT.json"))
     for name in names:
@@ -127,14 +129,16 @@ def read_assignment(folder):
     """A student copy's ASSIGNMENT.json -> its record; anything else is an error naming the file."""
     path = folder / "ASSIGNMENT.json"
     if not path.is_file():
-        raise SystemExit(f"error: {folder} holds no ASSIGNMENT.json (run --grade inside a student copy, or give its folder)")
+        raise InputError(f"{folder} holds no ASSIGNMENT.json (run --grade inside a student copy, or give its folder)")
     try:
-        record = json.loads(path.read_text())
-        names = record.get("functions", record) if isinstance(record, dict) else None
-        if not isinstance(names, dict) or not names or any(n not in FUNCTIONS for n in names):
+        record = json.loads(path.read_bytes().decode("utf-8"))
+        names = record.get("functions") if isinstance(record, dict) else None
+        if not isinstance(names, dict) or not names or any(n not in FUNCTIONS or not isinstance(e, str) for n, e in names.items()):
             raise ValueError("it names no gradable functions")
-    except (ValueError, UnicodeDecodeError, AttributeError) as e:
-        raise SystemExit(f"error: {path} is not an assignment record ({e}); make the copy again with --out") from None
+        if not isinstance(record.get("source"), (str, type(None))) or not isinstance(record.get("tests"), (dict, type(None))):
+            raise ValueError("its source or tests are not a folder and hashes")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InputError(f"{path} is not an assignment record ({e}); make the copy again with --out") from None
     return dict(functions=names, source=record.get("source"), tests=record.get("tests"))
 
 
@@ -152,38 +156,45 @@ def original_tests(folder, record):
     if recorded is not None and now == recorded:
         return folder, "this copy's tests, unchanged since it was made"
     changed = sorted(k for k in set(recorded or {}) | set(now) if (recorded or {}).get(k) != now.get(k))
-    raise SystemExit(f"error: this copy's tests were changed ({', '.join(changed[:3]) or 'no record of them'}) and the "
+    raise InputError(f"this copy's tests were changed ({', '.join(changed[:3]) or 'no record of them'}) and the "
                      f"originals are not here: grade it with the instructor's project: "
                      f"python /path/to/project/scripts/assignment.py --grade {folder}")
 
 
-def grade(folder):
-    """Run the assigned functions' tests, the instructor's, against the student's modules, in a clean
-    folder holding only those (the copy's own tests, conftest.py or pytest.ini never run); print
-    passed/total per function; True if all pass."""
+def grade(folder, timeout=300):
+    """Run each assigned function's tests, the instructor's, against the student's modules, in a clean
+    folder holding only those (the copy's own tests, conftest.py or pytest.ini never run), each
+    function's within `timeout` seconds (a body that never returns scores 0); print passed/total per
+    function; True if all pass."""
     folder = Path(folder).resolve()
     record = read_assignment(folder)
     names = record["functions"]
     project, said = original_tests(folder, record)
-    tests = sorted({t for n in names for t in FUNCTIONS[n][2]})
+    modules = sorted(p.name for p in folder.glob("*.py"))  # the student's code
+    if not {f"{FUNCTIONS[n][1]}.py" for n in names} | {"ilsgan.py"} <= set(modules):
+        raise InputError(f"{folder} lacks the project's modules ({', '.join(modules) or 'it has none'}): grade a student copy")
+    print(f"graded with {said}, against the student's {', '.join(sorted({FUNCTIONS[n][1] + '.py' for n in names}))}")
+    total = 0
     with tempfile.TemporaryDirectory(prefix="grading-") as tmp:
         tmp = Path(tmp)
         (tmp / "tests").mkdir()
-        for f in {t.split("::")[0] for t in tests} | {"conftest.py"}:
+        for f in {t.split("::")[0] for n in names for t in FUNCTIONS[n][2]} | {"conftest.py"}:
             shutil.copyfile(project / "tests" / f, tmp / "tests" / f)
         shutil.copyfile(project / "pytest.ini", tmp / "pytest.ini")
-        for module in ("ilsgan", "unet_eval", "mine"):  # the student's code
-            shutil.copyfile(folder / f"{module}.py", tmp / f"{module}.py")
-        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", "-c", str(tmp / "pytest.ini"),
-                            "--rootdir", str(tmp), *[f"tests/{t}" for t in tests]], cwd=tmp, capture_output=True, text=True,
-                           env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
-    passed = set(re.findall(r"^PASSED tests/(\S+)", r.stdout, re.M))
-    print(f"graded with {said}, against the student's {', '.join(sorted({FUNCTIONS[n][1] + '.py' for n in names}))}")
-    total = 0
-    for name, eq in names.items():
-        ok = [t for t in FUNCTIONS[name][2] if t in passed]
-        total += len(ok) == len(FUNCTIONS[name][2])
-        print(f"{name:22s} {eq:14s} {len(ok)}/{len(FUNCTIONS[name][2])} tests pass")
+        for m in modules:
+            shutil.copyfile(folder / m, tmp / m)
+        for name, eq in names.items():
+            tests = FUNCTIONS[name][2]
+            try:
+                r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", "-c",
+                                    str(tmp / "pytest.ini"), "--rootdir", str(tmp), *[f"tests/{t}" for t in tests]], cwd=tmp,
+                                   capture_output=True, text=True, timeout=timeout,
+                                   env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+                ok = [t for t in tests if t in set(re.findall(r"^PASSED tests/(\S+)", r.stdout, re.M))]
+            except subprocess.TimeoutExpired:
+                ok, eq = [], f"{eq} (did not finish in {timeout} s)"
+            total += len(ok) == len(tests)
+            print(f"{name:22s} {eq:14s} {len(ok)}/{len(tests)} tests pass")
     print(f"score: {total}/{len(names)} functions")
     return total == len(names)
 
@@ -194,24 +205,9 @@ def main(argv=None):
     ap.add_argument("--out", help="folder for the student copy (new or empty)")
     ap.add_argument("--list", action="store_true", help="the gradable functions, their equations and tests")
     ap.add_argument("--grade", nargs="?", const=".", metavar="DIR", help="grade the student copy DIR (default: here)")
-    ap.add_argument("--table", action="store_true", help="print the README's equation table")
     args = ap.parse_args(argv)
-    got = []
-
-    def stop(signum, frame):
-        got.append(signum)
-        raise KeyboardInterrupt
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        run(ap, args)
-    except KeyboardInterrupt:  # one line, as the other scripts say it; the project itself is never changed
-        name = signal.Signals(got[0] if got else signal.SIGINT).name
-        sys.stderr.write(f"\nstopped by {name}; a student copy being made may be incomplete: make it again into an "
-                         "empty --out; a grading was not finished: run --grade again\n")
-        sys.exit(128 + (got[0] if got else signal.SIGINT))
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    error_boundary(lambda: run(ap, args), lambda: "make the copy again into an empty --out, or run --grade again "
+                   "(the project itself is never changed)")
 
 
 def run(ap, args):
@@ -219,14 +215,12 @@ def run(ap, args):
         for eq, what, rows in EQUATIONS:
             for module, name, tests in rows:
                 print(f"{name:20s} {module + '.py':10s} {eq} {what}\n{'':31s} tests: {', '.join(tests)}")
-    elif args.table:
-        print(readme_table())
     elif args.grade:
         sys.exit(0 if grade(args.grade) else 1)
     elif args.functions and args.out:
         make_copy(args.functions, args.out)
     else:
-        ap.error("give functions and --out, or --list, --grade or --table")
+        ap.error("give functions and --out, or --list or --grade")
 
 
 if __name__ == "__main__":

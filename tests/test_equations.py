@@ -1,10 +1,12 @@
-"""Every equation's function against known answers: an instructor can blank one and grade it here."""
+"""Every equation's function against known answers (an instructor can blank one and grade it here), and
+our guards beside them."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import ilsgan
+import runs
 
 
 # --- Eq. (1), (3): composition and the perturbation T -------------------------------------------
@@ -70,24 +72,22 @@ def test_mask_area_loss_known_answers():
     assert ilsgan.mask_area_loss(m, 0.25).item() == pytest.approx(0.125)
     m[1, :, :2, :2] = 1.0  # area 0.25 -> exactly at the threshold
     assert ilsgan.mask_area_loss(m, 0.25).item() == pytest.approx(0.0)
-    assert ilsgan.mask_area_upper_loss(torch.ones(1, 1, 4, 4), 0.6).item() == pytest.approx(0.4)
 
 
-def test_mask_spread_loss_known_answers():
-    same = torch.zeros(4, 1, 2, 2)
-    same[:, :, 0, 0] = 1  # one mask for every sample: spread 0, full penalty
-    assert ilsgan.mask_spread_loss(same, 0.2).item() == pytest.approx(0.2)
-    half = torch.zeros(4, 1, 2, 2)
-    half[:2] = 1  # every pixel on in two samples of four: std (unbiased) = sqrt(1/3) > 0.2
-    assert ilsgan.mask_spread_loss(half, 0.2).item() == 0
-
-
-def test_mask_spread_upper_loss_known_answers():
-    half = torch.zeros(4, 1, 2, 2)
-    half[:2] = 1  # spread sqrt(1/3) = 0.577 at every pixel
-    assert ilsgan.mask_spread_upper_loss(half, 0.3).item() == pytest.approx(3 ** -0.5 - 0.3)
-    assert ilsgan.mask_spread_upper_loss(half, 0.6).item() == 0
-    assert ilsgan.mask_spread_upper_loss(torch.ones(4, 1, 2, 2), 0.3).item() == 0  # no spread at all
+def test_the_guards_known_answers_each_off_at_zero():
+    off = ilsgan.make_config("paper64")  # every guard 0: the paper's losses alone
+    full, same, half = torch.ones(4, 1, 8, 8), torch.zeros(4, 1, 8, 8), torch.zeros(4, 1, 8, 8)
+    same[..., 2:6, 2:6] = 1  # one centred mask for every sample: spread 0
+    half[:2] = 1  # every pixel on in two samples of four: spread (unbiased std) sqrt(1/3)
+    for m in (full, same, half):
+        assert ilsgan.guard_loss(m, m, off).item() == 0
+    area = runs.with_overrides(off, mask_max=0.6, lambda_guard=2.0)
+    assert ilsgan.guard_loss(full, full, area).item() == pytest.approx(2 * 0.4)  # area 1, 0.4 over the hinge
+    spread = runs.with_overrides(off, min_spread=0.2, lambda_guard=2.0)
+    assert ilsgan.guard_loss(same, same, spread).item() == pytest.approx(2 * 0.2)
+    assert ilsgan.guard_loss(half, half, spread).item() == 0 and ilsgan.mask_spread(half).item() == pytest.approx(3 ** -0.5)
+    border = runs.with_overrides(off, lambda_border=2.0)
+    assert ilsgan.guard_loss(same, same, border).item() == 0 and ilsgan.guard_loss(full, full, border).item() == 2.0
 
 
 def test_binarization_loss_known_answers():
@@ -101,12 +101,10 @@ def test_border_loss_counts_only_the_band():
     m[..., 2:6, 2:6] = 1
     assert ilsgan.border_loss(m, 2).item() == 0
     assert ilsgan.border_loss(torch.ones(1, 1, 8, 8), 2).item() == pytest.approx(1.0)
-    # per sample: band means 1 and 0.25 (a quarter of the band), margin 0.5 frees the second
-    two = torch.ones(2, 1, 8, 8)
+    two = torch.ones(2, 1, 8, 8)  # per sample: band means 1 and 0.25 (a quarter of the band)
     two[1, ..., :4, :] = 0
     two[1, ..., :, :4] = 0  # only the bottom-right quadrant: 12 of the 48 band pixels
     assert ilsgan.border_loss(two, 2).item() == pytest.approx((1 + 0.25) / 2)
-    assert ilsgan.border_loss(two, 2, margin=0.5).item() == pytest.approx(0.5 / 2)
 
 
 # --- Eq. (8)-(12): CLUB and ILS-MI -------------------------------------------------------------
@@ -188,6 +186,16 @@ def test_ils_l1_known_answer_and_detached_visible_layer():
     assert (b.grad[..., 0, :] < 0).all() and (b.grad[..., 1, :] == 0).all()  # only b_inv is pushed
 
 
+def test_ils_l1_counts_a_pixel_outside_minus_one_one_as_zero():
+    """official 'l1_distance': the pushed layer's pixels outside (-1, 1) count 0 in the value too."""
+    f, m = torch.zeros(1, 3, 1, 2), torch.ones(1, 1, 1, 2)  # b hidden everywhere
+    b = torch.tensor([0.5, 3.0]).view(1, 1, 1, 2).expand(1, 3, 1, 2).clone().requires_grad_(True)
+    loss = ilsgan.ils_l1_loss(f, b, m)
+    assert loss.item() == pytest.approx(-0.5 / 2)  # the pixel at 3.0 is not counted
+    loss.backward()
+    assert (b.grad[..., 1] == 0).all() and (b.grad[..., 0] != 0).all()
+
+
 # --- Eq. (5) schedule, ADA controller -----------------------------------------------------------
 
 def test_ils_weight_schedule_matches_official_at_8000_kimg():
@@ -195,7 +203,7 @@ def test_ils_weight_schedule_matches_official_at_8000_kimg():
     assert ilsgan.ils_weight(0, cfg) == 0.2 and ilsgan.ils_weight(400, cfg) == 0.2
     assert ilsgan.ils_weight(401, cfg) == 1.0
     short = ilsgan.make_config("cpu")  # shorter runs leave the warm-up after 5% of their length
-    assert ilsgan.ils_weight(short.kimg * 0.06, short) == 1.0
+    assert ilsgan.ils_weight(short.total_kimg * 0.06, short) == 1.0
 
 
 def test_ada_adjust_step_and_clamp():
@@ -206,7 +214,3 @@ def test_ada_adjust_step_and_clamp():
     assert ilsgan.ada_adjust(t(0.0), t(0.1), 0.6, 32, 4, 500).item() == 0.0
     assert ilsgan.ada_adjust(t(1.0), t(0.9), 0.6, 32, 4, 500).item() == 1.0
 
-
-def test_r1_gamma_auto():
-    assert ilsgan.r1_gamma(ilsgan.make_config("paper64")) == pytest.approx(0.0256)
-    assert ilsgan.r1_gamma(ilsgan.make_config("paper128")) == pytest.approx(0.1024)

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import ilsgan
-from conftest import ROOT
+import runs
+from conftest import ENV, ROOT
 
 CHART_SERIES = {"loss_G", "loss_D", "loss_adv", "loss_ils", "w_ils", "ada_p", "ada_rt", "mask_area", "mask_binary", "r1"}
 
@@ -56,14 +56,14 @@ def scored_run(tmp_path_factory):
     """A tiny run trained, scored by the U-Net and MINE, and its report written."""
     out = tmp_path_factory.mktemp("report") / "run"
     r = subprocess.run([sys.executable, str(ROOT / "ilsgan.py"), "--preset", "tiny", "--device", "cpu", "--evaluate",
-                        "--eval-preset", "tiny", "--out", str(out)], capture_output=True, text=True, timeout=300)
+                        "--eval-preset", "tiny", "--out", str(out)], capture_output=True, text=True, timeout=300, env=ENV)
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"report: {out / 'report.html'}" in r.stdout.splitlines()[-1]  # the main job's last line
     return out
 
 
 def test_every_curve_is_the_column_it_names(tiny_run):
-    out, _ = tiny_run
+    out = tiny_run
     page = (out / "report.html").read_text()
     stats = [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()]
     drawn = curves(page)
@@ -72,9 +72,9 @@ def test_every_curve_is_the_column_it_names(tiny_run):
 
 
 def test_a_curve_drawn_from_the_wrong_column_is_caught(tiny_run):
-    out, _ = tiny_run
+    out = tiny_run
     stats = [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()]
-    wrong = ilsgan.svg_chart("Losses", dict(loss_G=[(r["kimg"], r["loss_D"]) for r in stats]), "loss")
+    wrong = runs.svg_chart("Losses", dict(loss_G=[(r["kimg"], r["loss_D"]) for r in stats]), "loss")
     assert mismatches(wrong, stats) and mismatches(wrong, stats)[0][0] == "loss_G"
 
 
@@ -88,42 +88,25 @@ def test_every_file_the_page_shows_exists_and_the_cells_are_64_px(scored_run):
     assert [s for s in sources if s.startswith("grid-")] == [g.name for g in reversed(grids)]  # latest first
     w, h = Image.open(grids[-1]).size
     assert h >= 4 * 64 and w >= 8 * 64  # four rows of eight cells of 64 px or more (the run is 16 px)
-    for label in ("background", "foreground", "composite", "mask", "ILSGAN &rarr; U-Net", "MI sum, Eq. (11)",
+    for label in ("background", "foreground", "composite", "mask", "ILSGAN -&gt; U-Net", "MI sum, Eq. (11)",
                   "baseline: all foreground", "ILS warm-up ends", "target 0.6", "eta 0.25", "kimg (thousands"):
         assert label in page, label
 
 
-def test_a_killed_write_leaves_the_previous_report(tiny_run, tmp_path, monkeypatch):
-    run = tmp_path / "run"
-    shutil.copytree(tiny_run[0], run)
+def test_a_killed_write_leaves_the_previous_report(tiny_run, monkeypatch):
+    run = tiny_run
     before = (run / "report.html").read_text()
     (run / "stats.jsonl").write_text((run / "stats.jsonl").read_text() + json.dumps(dict(kimg=9.0, loss_G=1.0)) + "\n")
     real = Path.write_text
 
     def dies(self, text, *a, **k):  # half of the new page is on disk when the kill comes
         real(self, text[: len(text) // 2])
-        raise ilsgan.Interrupt(15)
+        raise runs.Interrupt(15)
     monkeypatch.setattr(Path, "write_text", dies)
-    with pytest.raises(ilsgan.Interrupt):
-        ilsgan.write_report(run)
+    with pytest.raises(runs.Interrupt):
+        runs.write_report(run)
     monkeypatch.undo()
     assert (run / "report.html").read_text() == before
-
-
-def test_the_ablation_report_plots_each_seeds_difference(tmp_path):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from test_ablation import fake_run
-    for seed, (iou, mi) in enumerate([(0.80, 3.0), (0.90, 3.2)]):
-        fake_run(tmp_path / f"full-seed{seed}", iou, mi)
-        fake_run(tmp_path / f"no-ils-seed{seed}", iou + 0.01 * (seed + 1), mi + 0.1)
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "ablation.py"), "--report", "--out", str(tmp_path),
-                        "--variants", "full", "no-ils", "--seeds", "0", "1"], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-    svg = (tmp_path / "ablation-dots.svg").read_text()
-    dots = re.findall(r'data-variant="no-ils" data-seed="(\d)" data-difference="([-\d.]+)"', svg)
-    assert sorted(dots) == [("0", "0.0100"), ("0", "0.1000"), ("1", "0.0200"), ("1", "0.1000")]
-    page = (tmp_path / "report.html").read_text()
-    assert "ablation-dots.svg" in page and "| full |" not in page and "<td>no-ils</td>" in page
 
 
 CHECK = """<script>addEventListener('load', () => {
