@@ -326,7 +326,7 @@ def real_items(name, root, split, skip_unmasked=False):
     if name not in LAYOUTS:
         raise InputError(f"unknown dataset {name!r}: synthetic | {' | '.join(LAYOUTS)}")
     if not root or not r.is_dir():
-        raise layout_error(name, root, "no such folder (give it with --data-root)")
+        raise layout_error(name, root, "no such folder (give the data root)")
     if name in ("cars", "dogs"):
         npy = {("cars", "train"): "data_mrcnn_train_select.npy", ("cars", "test"): "data_mrcnn_test_select.npy",
                ("dogs", "train"): "data_tr_sel.npy", ("dogs", "test"): "data_te_sel.npy"}[name, split]

@@ -6,7 +6,7 @@ Zou, Yang, Cheung, Liu, Ji, AAAI 2023, arXiv:2211.13974.
 The model in five lines:
     z ~ N(0, I)                                one latent for both layers
     f, m = G_f(z), G_m(z);  b = G_b(z)         foreground RGB, mask in [0,1], background RGB
-    x = m*f + (1-m)*b                          Eq. (1), the composite; D only ever sees x
+    x = m*f + (1-m)*b                          Eq. (1), the composite; D sees composites, never the layers
     x' = T(m)*T(f) + (1-T(m))*b                Eq. (3), T shifts f and m together, during training
     L_G = adv + 2 L_m + 2 L_b + lambda_ils * (I(b_inv; f_vis) + I(b_vis; f_inv))   Eq. (5), (11)-(12)
 Trained on unlabelled photos only, the mask m becomes a segmenter (unet_eval.py scores it).
@@ -117,14 +117,14 @@ class Config:
     mask_max: float = 0.0  # upper hinge on the mask area: relu(mean(m) - mask_max)
     min_spread: float = 0.0  # hinge on the mask's spread over z: relu(min_spread - mean over pixels of std_z m)
     lambda_border: float = 0.0  # border prior: penalise mask mass in a band along the image border
-    diverge: float = 100.0  # ours: stop when a log step's mean adversarial loss passes this (nats; flag at a tenth)
+    diverge: float = 100.0  # ours: stop when a log step's mean adversarial loss passes this (nats; flag at a tenth; 0 = off)
     # --- run
     out: str = "runs/ilsgan"  # run folder: config.json, stats.jsonl, checkpoint.pt, grids, report.html
     seed: int = 0  # networks, latents and data order
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     log_kimg: float = 1.0  # log to stats.jsonl and the bar every this many kimg
     snap_kimg: float = 10.0  # image grid + checkpoint every this many kimg (also a log step)
-    amp: str = "auto"  # precision of the networks' convolutions: auto (bf16 on GPUs that have it) | off | bf16 | fp16
+    amp: str = "auto"  # precision of the networks' convolutions: auto (bf16 on GPUs that have it, fp16 on 7.x) | off | bf16 | fp16
     tf32: bool = False  # allow TF32 matmuls and convolutions on Ampere+ GPUs (official: off)
     channels_last: bool = True  # D's convolutions in NHWC layout (faster on GPUs)
     compile: bool = False  # torch.compile G: fewer, fused kernels, after a minute of compiling (D is never compiled)
@@ -525,7 +525,8 @@ def ada_adjust(p, sign_mean, target, batch, interval, ada_kimg):
 
 
 def g_adversarial_loss(d_fake):
-    """Eq. (2), non-saturating G side: -log sigmoid(D(x_fake)) = softplus(-D). d_fake [B] -> []."""
+    """Eq. (2), G side, non-saturating as in StyleGAN2 (official): -log sigmoid(D(x_fake)) = softplus(-D)
+    instead of the minimax log(1 - sigmoid(D)). d_fake [B] -> []."""
     return F.softplus(-d_fake).mean()
 
 
@@ -590,7 +591,9 @@ def ils_mi_loss(f, b, m, separate=True, opt_vis=True, opt_mask=True, q="laplace"
     if not opt_vis:
         f_vis, b_vis = f_vis.detach(), b_vis.detach()
     perm1, perm2 = torch.randperm(B, device=f.device), torch.randperm(B, device=f.device)  # [B] each: the k_i
-    # Eq. (12): I_VC(b_inv; f_vis) + I_VC(b_vis; f_inv), the hidden region of each pair shuffled (official)
+    # Eq. (12): I_VC(b_inv; f_vis) + I_VC(b_vis; f_inv). club(x, y) shuffles x and conditions q(x | y) on y:
+    # the hidden region of each pair is the one shuffled (official). Distances are per-element means, so
+    # lambda_ils = 1 weighs the paper's L1 sums by 1 / (3 H W)
     return club(b_inv, f_vis, perm1, q) + club(f_inv, b_vis, perm2, q)  # []
 
 
@@ -599,7 +602,7 @@ def ils_l1_loss(f, b, m):
 
     official ('l1_distance'): the visible layer and the mask are detached, so each layer's invisible
     part is pushed away from the other layer's visible part; a pixel of the pushed layer outside
-    (-1, 1) counts 0, in value and gradient. f, b [B,3,H,W] -> [].
+    (-1, 1) counts 0, in value and gradient. f, b [B,3,H,W], m [B,1,H,W] -> [].
     """
     valid_f, valid_b, m_ = ((f > -1) & (f < 1)).to(f.dtype), ((b > -1) & (b < 1)).to(b.dtype), m.detach()
     return -((b - f.detach()).abs() * m_ * valid_b).mean() - ((f - b.detach()).abs() * (1 - m_) * valid_f).mean()
@@ -698,7 +701,8 @@ def stop_if_lost(rec, cfg, device):
 
 # ----------------------------------------------------------------------------------------------
 # 9. One training step, Eq. (5)
-# min_D  -V(G_bar, D) + gamma R1(D)      min_G  V(G, D_bar) + lambda_m L_m + lambda_b L_b + lambda_ils L_ILS
+# min_D  -V(G_bar, D) + (gamma/2) R1(D)      min_G  V(G, D_bar) + lambda_m L_m + lambda_b L_b + lambda_ils L_ILS
+# (V(G, D_bar) in its non-saturating form; gamma/2 and the lazy schedule of R1 as StyleGAN2, official)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -714,7 +718,8 @@ class State:
         if cfg.compile:  # the same numbers, in fewer and fused kernels (appendix C: torch.compile's settings)
             self.G.compile()
 
-        # official: lazy-regularisation rescale, lr * k and beta2^k with k = interval / (interval + 1)
+        # official (StyleGAN2's lazy regularisation, not ILSGAN's): R1 runs one step in `interval`, its loss
+        # times interval, and lr * k, beta2^k with k = interval / (interval + 1) account for the extra step
         def adam(net, interval):
             k = interval / (interval + 1)
             # fused: one kernel for all parameters, and fp16's overflow check stays on the device
@@ -790,7 +795,7 @@ def train_step(state, x_real, cfg):
     D.requires_grad_(False)
     f, b, m = generate()  # [B,3,H,W], [B,3,H,W], [B,1,H,W]
     x_fake, _, m_s = perturbed_composite(f, b, m, *random_shifts(B, res, cfg.shift, dev))  # x' [B,3,H,W], m' [B,1,H,W]
-    loss_adv = g_adversarial_loss(discriminate(x_fake))  # []  V(G, D_bar)
+    loss_adv = g_adversarial_loss(discriminate(x_fake))  # []  V(G, D_bar), non-saturating
     loss_m, loss_b = mask_area_loss(m_s, cfg.eta), binarization_loss(m_s)  # [] each; official: on the shifted m'
     loss_ils = (ils_mi_loss(f, b, m, cfg.ils_separate, cfg.ils_opt_vis, cfg.ils_opt_mask, cfg.ils_dist) if cfg.ils == "mi"
                 else ils_l1_loss(f, b, m) if cfg.ils == "l1" else torch.zeros([], device=dev))  # []; official: unshifted
@@ -869,8 +874,8 @@ def crossed(nimg, batch, every_kimg):
 
 
 def train(cfg, ckpt=None):
-    """Train the run in cfg.out (main() has claimed the folder), or continue it from its checkpoint.
-    cfg.device and cfg.amp are resolved (main). -> the State at the end."""
+    """Train the run in cfg.out (run() has claimed the folder), or continue it from its checkpoint.
+    cfg.device and cfg.amp are resolved (run). -> the State at the end."""
     device = torch.device(cfg.device)
     rank, n_proc = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     images = load_images(cfg, ckpt).to(device)  # uint8 [N,3,R,R]: the whole dataset, decoded once
@@ -1057,8 +1062,10 @@ def read_checkpoint(path, device="cpu", best=False):
                     k = next(k for k in sorted(set(want) | set(got)) if want.get(k) != got.get(k))
                     raise ValueError(f"its {name} does not fit its config: {k} is {got.get(k, 'missing')}, the config "
                                      f"makes {want.get(k, 'no such tensor')}")
-        if not isinstance(ckpt["run_id"], str) or not isinstance(ckpt["data"], str) or not isinstance(state["nimg"], int):
-            raise ValueError("its run id, data key or progress is missing")
+        if not (isinstance(ckpt["run_id"], str) and isinstance(ckpt["data"], str) and type(state["nimg"]) is int and torch.is_tensor(
+                state["ada_p"]) and all(math.isfinite(float(state[k])) for k in State.PROGRESS) and "param_groups" in state["opt_G"]
+                and min(state["nimg"], state["step"], float(state["ada_p"])) >= 0):
+            raise ValueError("its run id, data key, progress or optimiser state is missing or out of range")
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise InputError(f"{p} is not a whole checkpoint of this program: {str(e).splitlines()[0][:240]}") from None
     ckpt["path"] = p
@@ -1121,14 +1128,10 @@ def frechet_distance(mu1, s1, mu2, s2):
     return ((mu1 - mu2).square().sum() + s1.trace() + s2.trace() - 2 * tr_sqrt).item()
 
 
-def feature_stats(feats):
-    return feats.mean(0), torch.cov(feats.T)
-
-
 def fid(net, G, real_stats, n, seed=123):
     """FID of n samples from G (unperturbed composites) against the real statistics (mu, sigma)."""
-    fake = torch.cat([s["x"].cpu() for s in sample(G, n, 100, seed)])
-    return frechet_distance(*feature_stats(inception_features(net, fake)), *real_stats)
+    fake = inception_features(net, torch.cat([s["x"].cpu() for s in sample(G, n, 100, seed)]))
+    return frechet_distance(fake.mean(0), torch.cov(fake.T), *real_stats)
 
 
 REAL_FID_STATS = {}  # the training images' Inception statistics, by data_key: computed once a process
@@ -1137,7 +1140,8 @@ REAL_FID_STATS = {}  # the training images' Inception statistics, by data_key: c
 def real_fid_stats(net, images):
     key = data_key(images.cpu())
     if key not in REAL_FID_STATS:
-        REAL_FID_STATS[key] = feature_stats(inception_features(net, images))
+        real = inception_features(net, images)
+        REAL_FID_STATS[key] = real.mean(0), torch.cov(real.T)
     return REAL_FID_STATS[key]
 
 
@@ -1180,7 +1184,7 @@ def resolve_amp(amp, dev):
     more), fp16 with the gradient scaler on 7.x (where bf16 is only emulated), fp32 elsewhere."""
     if amp != "auto" or dev.type != "cuda":
         return "off" if amp == "auto" else amp
-    major = torch.cuda.get_device_capability(dev)[0]
+    major = torch.cuda.get_device_capability(dev.index if dev.index is not None else torch.cuda.current_device())[0]
     return "bf16" if major >= 8 else "fp16" if major == 7 else "off"
 
 
@@ -1227,8 +1231,7 @@ def validate_config(cfg, world=1):
                 f"a multiple of {world} processes and, per process, of the minibatch-stddev group --mbstd-group"),
                ("beta2", 0 <= cfg.beta2 < 1, "in [0, 1)"), ("shift", cfg.shift < 0.5, "below 0.5"),
                ("eta", cfg.eta <= 1, "at most 1 (a fraction of the image)"), ("context", cfg.context <= 1, "at most 1"),
-               ("lr_decay", cfg.lr_decay <= 1, "at most 1 (a fraction of the run)"),
-               ("mask_max", cfg.mask_max <= 1, "at most 1 (a fraction of the image)"),
+               ("lr_decay", cfg.lr_decay <= 1, "at most 1 (a fraction of the run)"), ("mask_max", cfg.mask_max <= 1, "at most 1"),
                ("ada_target", -1 <= cfg.ada_target <= 1, "in [-1, 1] (a mean of signs)"),
                ("seed", cfg.seed < 2**63, "below 2^63"), ("fid_n", cfg.fid_n != 1, "0 (off) or 2 or more"),
                ("r1_gamma", cfg.r1_gamma >= 0 or cfg.r1_gamma == -1, "0 or more, or -1 (the official value)"),
@@ -1296,8 +1299,8 @@ def run(cfg, ckpt=None, overwrite=False, preset="custom", why="given", overrides
                 if ckpt:
                     for log in ("stats.jsonl", "fid.jsonl"):
                         runs.cut_log(out / log, ckpt["state"]["nimg"] / 1000)
-                    if (out / "results.json").is_file():  # they scored an older checkpoint: kept, named for it
-                        os.replace(out / "results.json", out / f"results-{ckpt['state']['nimg'] / 1000:g}kimg.json")
+                    for name in [n for n in ("results.json", "unet.pt", "segmentation.png") if (out / n).is_file()]:
+                        os.replace(out / name, out / name.replace(".", f"-{ckpt['state']['nimg'] / 1000:g}kimg."))  # of an older checkpoint
                 about = dict(preset=preset, device=str(dev) + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda"
                              else ""), workers=f"{world} processes" if world > 1 else f"{torch.get_num_threads()} threads",
                              code=runs.code_version(), torch=torch.__version__)

@@ -171,7 +171,7 @@ def evaluate(mc):
                          rules=[("n", mc.n >= 2, "2 or more"), ("batch", mc.batch >= 2, "2 or more (pairs are shuffled within it)"),
                                 ("iters", mc.iters >= mc.eval_every, f"at least --eval-every ({mc.eval_every}), or nothing is measured"),
                                 ("ma_rate", mc.ma_rate <= 1, "at most 1 (a moving average's rate)"),
-                                ("seed", mc.seed < 2**63, "below 2^63")])
+                                ("lr", mc.lr <= 1, "at most 1"), ("seed", mc.seed < 2**63, "below 2^63")])
     dev = ilsgan.setup_device(ilsgan.parse_device(mc.device))
     _, G, kimg = ilsgan.load_generator(mc.ckpt, dev, best=True)
     folder = Path(mc.ckpt) if Path(mc.ckpt).is_dir() else Path(mc.ckpt).parent

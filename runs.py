@@ -60,9 +60,9 @@ def error_boundary(body, again, expected=()):
         sys.stderr.write(f"\nstopped by {e} during {e.where or 'the start, before any work was kept'}; kept: "
                          f"{e.kept or 'what was there before'}; continue with: {again()}\n")
         sys.exit(128 + e.signum)
-    except BrokenPipeError:  # `... | head`: the reader is gone; say nothing more
+    except BrokenPipeError:  # `... | head`: the reader is gone; the rest goes nowhere, and stderr says so
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(1)
+        sys.exit(f"error: the standard output was closed; stopped there (continue with: {again()})")
     except (InputError, OSError, *expected) as e:
         sys.exit(f"error: {e}")
     except (MemoryError, RuntimeError) as e:  # the one place where sizes that do not fit are caught
@@ -238,11 +238,7 @@ def write_results(folder, section, values):
 RUN_FILES = ("config.json", "stats.jsonl", "fid.jsonl", "checkpoint.pt", "best.pt", "results.json", "report.html",
              "hidden.png", "segmentation.png", "oracle.png", "unet.pt")
 GRID = re.compile(r"grid-\d+\.\d{3}kimg\.png")  # grid-00010.000kimg.png
-
-
-def run_files(folder):
-    folder = Path(folder)
-    return sorted(p for p in folder.iterdir() if p.name in RUN_FILES or GRID.fullmatch(p.name)) if folder.is_dir() else []
+SET_ASIDE = re.compile(r"(results|unet|segmentation)-[\d.e+-]+kimg\.(json|pt|png)")  # what scored an older checkpoint
 
 
 @contextlib.contextmanager
@@ -283,7 +279,7 @@ def claim(out, run_id, overwrite=False):
     out = Path(out)
     for p in out.glob(f"*{TMP}"):
         p.unlink(missing_ok=True)  # nobody else writes here: we hold the lock
-    files = run_files(out)
+    files = sorted(p for p in out.iterdir() if p.name in RUN_FILES or GRID.fullmatch(p.name) or SET_ASIDE.fullmatch(p.name)) if out.is_dir() else []
     try:
         saved = read_config(out)
     except InputError:  # a config.json that no run wrote
@@ -330,8 +326,9 @@ def print_scores(folder, results=None):
     then where its files are; report.html is redrawn."""
     folder = Path(folder)
     rows = scores_table(read_results(folder) if results is None else results, read_log(folder / "fid.jsonl"))
-    print("\n".join([""] + [f"{a:30s} {b:>15s}  {c}" for a, b, c in rows] or ["no scores yet: unet_eval.py and mine.py"]))
-    print(f"results: {folder / 'results.json'}, pictures: {folder / 'segmentation.png'}\nreport: {write_report(folder)}")
+    print("\n" + "\n".join([f"{a:30s} {b:>15s}  {c}" for a, b, c in rows] or ["no scores yet: unet_eval.py and mine.py score a run"]))
+    print((f"results: {folder / 'results.json'}, pictures: {folder / 'segmentation.png'}\n" if (folder / "results.json").is_file()
+           else "") + f"report: {write_report(folder)}")
 
 
 # --- report.html: a run at a glance (inline SVG and CSS, no JavaScript, no network) ---------------------

@@ -287,14 +287,15 @@ def evaluate(ec):
     """The whole protocol for one checkpoint (its run's best.pt if FID kept one, official) -> the
     'segmentation' (or 'oracle') section, written into the run's results.json."""
     runs.validate_fields(ec, positive=("width", "iters", "batch", "lr", "val_every"), nonneg=("lr_step", "seed"),
-                         rules=[("n", ec.n == 0 or ec.n >= 10, "0 (official) or 10 or more (90% train the U-Net, 10% validate it)"),
-                                ("seg_res", ec.seg_res >= 16 and ec.seg_res & (ec.seg_res - 1) == 0,
-                                 "a power of two, 16 or more"), ("seed", ec.seed < 2**63, "below 2^63")])
+                         rules=[("dataset", ec.dataset in ("", "synthetic", *data.LAYOUTS), "synthetic | " + " | ".join(data.LAYOUTS)),
+                                ("n", ec.n == 0 or ec.n >= 10, "0 (official) or 10 or more (90% train the U-Net, 10% validate it)"),
+                                ("seg_res", ec.seg_res >= 16 and ec.seg_res & (ec.seg_res - 1) == 0, "a power of two, 16 or more"),
+                                ("lr", ec.lr <= 1, "at most 1"), ("seed", ec.seed < 2**63, "below 2^63")])
     dev = ilsgan.setup_device(ilsgan.parse_device(ec.device))
     cfg, G, kimg = ilsgan.load_generator(ec.ckpt, dev, best=True)
     folder = Path(ec.ckpt) if Path(ec.ckpt).is_dir() else Path(ec.ckpt).parent
     dataset, root = ec.dataset or cfg.dataset, ec.data_root or cfg.data_root
-    if dataset != "synthetic" and folder.resolve().is_relative_to(Path(root).expanduser().resolve()):
+    if dataset != "synthetic" and root and folder.resolve().is_relative_to(Path(root).expanduser().resolve()):
         raise InputError(f"{folder} lies inside the data root {root}: the scores go into the run folder, never into data")
     tag = "oracle" if ec.oracle else "segmentation"
     with runs.scoring(folder, tag, "the U-Net distillation"):

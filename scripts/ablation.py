@@ -198,8 +198,9 @@ def run(args, common):
         known[name], n_seeds[name] = (shlex.split(flags), f"your own: {flags}"), 3
     variants = args.variants or list(known)
     unknown = [v for v in variants if v not in known]
-    if unknown or args.jobs < 1 or not args.out.strip() or any(s < 0 or s >= 2**63 for s in args.seeds or []):
+    if unknown or args.jobs < 1 or not args.out.strip() or any(s < 0 or s >= 2**63 for s in args.seeds or []) or (args.table_only and common):
         raise InputError(f"--variants {' '.join(unknown)}: not one of {', '.join(known)} (add one with --variant)" if unknown
+                         else f"{' '.join(common)}: not a flag of --table-only" if args.table_only and common
                          else "--jobs must be 1 or more, --out a folder, --seeds between 0 and 2^63")
     out = Path(args.out)
     runs.make_writable(out)
@@ -210,9 +211,9 @@ def run(args, common):
     def seeds_of(v):
         return args.seeds if args.seeds is not None else list(range(n_seeds[v]))
     folders = [(v, s, out / f"{v}-seed{s}") for v in variants for s in seeds_of(v)]
-    pending = [] if args.table_only else [f for f in folders if not finished(f[2])]
-    print(f"{len(folders) - len(pending)} of {len(folders)} runs have their results; running {len(pending)}")
-    failed = run_all(pending, args.jobs, common, known) if pending else []
+    pending = [f for f in folders if not finished(f[2])]
+    print(f"{len(folders) - len(pending)} of {len(folders)} runs have their results; running {0 if args.table_only else len(pending)}")
+    failed = run_all(pending, args.jobs, common, known) if pending and not args.table_only else []
     print(table(out, variants, seeds_of, args.per_run or args.success is not None, args.success), end="")
     if failed:
         sys.exit(f"{len(failed)} run(s) failed; their log.txt says why: {', '.join(str(f) for f in failed)}")

@@ -75,10 +75,11 @@ def test_bad_torchrun_variables_end_in_one_line(tmp_path, monkeypatch, env, says
 
 
 @pytest.mark.slow
-def test_a_closed_standard_output_ends_quietly(tmp_path):
+def test_a_closed_standard_output_ends_in_one_line_on_stderr(tmp_path):
     code = f"cd {ROOT} && {sys.executable} ilsgan.py --preset tiny --device cpu --out {tmp_path / 'run'} | head -c 1"
     r = subprocess.run(["bash", "-o", "pipefail", "-c", code], capture_output=True, text=True, env=ENV, timeout=120)
     assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr
+    assert "error: the standard output was closed; stopped there (continue with: python ilsgan.py --resume" in r.stderr
 
 
 # --- one run, one folder ----------------------------------------------------------------------------
@@ -150,14 +151,22 @@ def test_resume_refuses_what_it_cannot_apply(tiny_run, tmp_path, flags, says):
 
 def test_resume_applies_the_flags_it_accepts_and_sets_the_old_scores_aside(tiny_run, capsys):
     (tiny_run / "results.json").write_text(json.dumps({"mi": {"nats": {}, "protocol": "x"}}))
+    (tiny_run / "unet.pt").write_bytes(b"the U-Net of the older checkpoint")
     ilsgan.main(["--resume", str(tiny_run), "--total-kimg", "0.15", "--lr", "0.01"])
     assert "preset of the run (resumed); total_kimg=0.15, lr=0.01 |" in capsys.readouterr().out
     cfg, ckpt = ilsgan.read_checkpoint(tiny_run)
     assert (cfg.total_kimg, cfg.lr) == (0.15, 0.01) and ckpt["state"]["nimg"] >= 150
     assert ckpt["state"]["opt_G"]["param_groups"][0]["lr"] == pytest.approx(0.01 * 4 / 5)  # what the optimiser used
     assert not (tiny_run / "results.json").exists() and (tiny_run / "results-0.104kimg.json").exists()
+    assert not (tiny_run / "unet.pt").exists() and (tiny_run / "unet-0.104kimg.pt").exists()  # --segment will not use it
     kimgs = [r["kimg"] for r in runs.read_log(tiny_run / "stats.jsonl")]
     assert kimgs == sorted(set(kimgs)) and kimgs[-1] >= 0.15  # every kimg once
+
+
+def test_the_closing_lines_of_an_unscored_run_name_no_scores_and_no_missing_files(tiny_run, capsys):
+    runs.print_scores(tiny_run)
+    out = capsys.readouterr().out
+    assert "no scores yet" in out and "results:" not in out and f"report: {tiny_run / 'report.html'}" in out
 
 
 def test_resume_on_other_data_is_refused(cars, tmp_path):
@@ -186,6 +195,12 @@ def damage(run, what):
         ckpt["config"]["z_dim"] = 32
     elif what == "other run":
         ckpt["run_id"] = "another"
+    elif what == "negative progress":
+        ckpt["state"]["nimg"] = -5000
+    elif what == "NaN ADA p":
+        ckpt["state"]["ada_p"] = torch.tensor(float("nan"))
+    elif what == "no optimiser state":
+        ckpt["state"]["opt_G"] = {"x": 1}
     torch.save(ckpt, run / "checkpoint.pt")
 
 
@@ -193,12 +208,13 @@ def damage(run, what):
     ("empty", "is not a readable checkpoint"), ("truncated", "is not a readable checkpoint"),
     ("no state", "is not a whole checkpoint"), ("unknown field", "unknown, missing or mistyped fields (flavour)"),
     ("mistyped field", "mistyped fields (z_dim)"), ("other z_dim", "its G does not fit its config"),
-    ("other run", "is not the checkpoint of the run in")])
+    ("other run", "is not the checkpoint of the run in"), ("negative progress", "progress or optimiser state"),
+    ("NaN ADA p", "progress or optimiser state"), ("no optimiser state", "progress or optimiser state")])
 def test_a_damaged_or_foreign_checkpoint_is_named_by_every_reader(tiny_run, what, says):
     damage(tiny_run, what)
     before = files_of(tiny_run)
     refused("--resume", tiny_run, "--total-kimg", "0.2", says=says)
-    if what != "other run":  # the scores read the checkpoint alone
+    if what not in ("other run", "no optimiser state"):  # the scores read the checkpoint alone (and no optimiser)
         for script in ("unet_eval.py", "mine.py"):
             refused("--ckpt", tiny_run, "--preset", "tiny", script=script, says=says)
     assert files_of(tiny_run) == before

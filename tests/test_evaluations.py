@@ -139,7 +139,10 @@ def test_flips_and_shadows_move_image_and_mask_together():
 
 def test_the_evaluations_refuse_odd_settings_and_a_run_inside_their_data(tiny_run, cars, tmp_path):
     refused("--ckpt", tiny_run, "--preset", "tiny", "--lr", "inf", script="unet_eval.py", says="--lr inf: must be a finite number")
-    refused("--ckpt", tiny_run, "--dataset", "bogus", script="unet_eval.py", says="unknown dataset 'bogus'")
+    refused("--ckpt", tiny_run, "--dataset", "bogus", script="unet_eval.py", says="--dataset 'bogus': must be synthetic |")
+    refused("--ckpt", tiny_run, "--dataset", "cub", script="unet_eval.py", says="no such folder (give the data root)")
+    for script in ("unet_eval.py", "mine.py"):
+        refused("--ckpt", tiny_run, "--lr", "1e300", script=script, says="--lr 1e+300: must be at most 1")
     refused("--ckpt", tiny_run, "--preset", "tiny", "--iters", "5", script="mine.py", says="--iters 5: must be at least --eval-every")
     refused("--ckpt", tiny_run, "--preset", "tiny", "--ma-rate", "5", script="mine.py", says="--ma-rate 5.0: must be at most 1")
     refused("--ckpt", tmp_path / "none", script="mine.py", says=f"no checkpoint at {tmp_path / 'none'}")
@@ -294,10 +297,10 @@ def test_mine_on_a_tiny_run_writes_results(tiny_run):
 
 def test_frechet_distance_against_closed_forms():
     f = torch.randn(500, 16, dtype=torch.float64)
-    mu, s = ilsgan.feature_stats(f)
+    mu, s = f.mean(0), torch.cov(f.T)
     assert abs(ilsgan.frechet_distance(mu, s, mu, s)) < 1e-6
     delta = torch.linspace(-1, 1, 16, dtype=torch.float64)
-    assert ilsgan.frechet_distance(*ilsgan.feature_stats(f + delta), mu, s) == pytest.approx(delta.square().sum().item(), rel=1e-6)
+    assert ilsgan.frechet_distance(mu + delta, s, mu, s) == pytest.approx(delta.square().sum().item(), rel=1e-6)
     a = torch.randn(8, 8, dtype=torch.float64)
     s1, c = a @ a.T + torch.eye(8, dtype=torch.float64), 1.7  # S2 = c^2 S1: Tr(S1 + S2 - 2 sqrt(S1 S2)) = (1 - c)^2 Tr(S1)
     d = ilsgan.frechet_distance(torch.zeros(8, dtype=torch.float64), s1, torch.ones(8, dtype=torch.float64), c**2 * s1)
