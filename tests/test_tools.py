@@ -211,7 +211,8 @@ def test_the_hidden_grid_draws_four_rows_per_run(tiny_run, tmp_path):
 
 @pytest.mark.parametrize("flags, says", [(["--jobs", "0"], "--jobs must be 1 or more"), (["--out", ""], "--out a folder"),
                                          (["--seeds", "-1"], "--seeds between 0"),
-                                         (["--variants", "nope"], "--variants nope: not one of")])
+                                         (["--variants", "nope"], "--variants nope: not one of"),
+                                         (["--variant-s", "full"], "--variant-s full: not a flag of --table-only")])
 def test_the_ablation_refuses_what_it_cannot_run(tmp_path, flags, says):
     refused("--table-only", "--out", tmp_path, *flags, script="scripts/ablation.py", says=says)
     (tmp_path / "full-seed0").mkdir()
@@ -219,11 +220,15 @@ def test_the_ablation_refuses_what_it_cannot_run(tmp_path, flags, says):
     refused("--table-only", "--out", tmp_path, "--variants", "full", script="scripts/ablation.py", says="full-seed0/results.json")
 
 
-@pytest.mark.parametrize("record", ["ablation", "five-seeds"])
+LEAKAGE = sorted(f"leakage/{p.name}" for p in (ROOT / "docs" / "leakage").glob("*") if p.is_dir())
+
+
+@pytest.mark.parametrize("record", ["ablation", "five-seeds", *LEAKAGE])
 def test_the_tables_of_the_docs_are_their_records_in_docs(tmp_path, capsys, record):
     """Every figure of docs/results.md's tables comes from `ablation.py --table-only` on the records kept in docs."""
     shutil.copytree(ROOT / "docs" / record, tmp_path / record, ignore=shutil.ignore_patterns("*.png", "*.svg", "*.html"))
-    flags = [] if record == "ablation" else ["--variants", "full", "--seeds", "0", "1", "2", "3", "4", "--per-run", "--success", "0.8"]
+    flags = {"ablation": [], "five-seeds": ["--variants", "full", "--seeds", "0", "1", "2", "3", "4", "--per-run", "--success", "0.8"]
+             }.get(record, ["--variants", "full", "no-ils"])
     ablation.main(["--table-only", "--out", str(tmp_path / record), *flags])
     out = capsys.readouterr().out
     table = out[out.index("| variant"):]
