@@ -279,7 +279,7 @@ def claim(out, run_id, overwrite=False):
     out = Path(out)
     for p in out.glob(f"*{TMP}"):
         p.unlink(missing_ok=True)  # nobody else writes here: we hold the lock
-    files = sorted(p for p in out.iterdir() if p.name in RUN_FILES or GRID.fullmatch(p.name) or SET_ASIDE.fullmatch(p.name)) if out.is_dir() else []
+    files = sorted(p for p in out.iterdir() if p.name in RUN_FILES or GRID.fullmatch(p.name) or SET_ASIDE.fullmatch(p.name))
     try:
         saved = read_config(out)
     except InputError:  # a config.json that no run wrote
