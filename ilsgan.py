@@ -33,9 +33,9 @@ Left out on purpose (and why):
     - style mixing, path-length regularisation, truncation: the official ILSGAN configs disable them.
     - separate ws per layer: without style mixing all layers get the same w, so we pass one w.
     - the learned-q (neural Laplace/Gaussian, PixelCNN++) ablations of the official code.
-Where this file differs from the official code (qrzou/ILSGAN), file by file: README.md, "Differences
-from the official code". Tags in the code: `official:` (in the official code, not in the paper) and
-`ours:` (our own choice, with its reason).
+Where this file differs from the official code (qrzou/ILSGAN), file by file: docs/official.md.
+Tags in the code: `official:` (in the official code, not in the paper) and `ours:` (our own choice,
+with its reason).
 """
 import contextlib
 import copy
